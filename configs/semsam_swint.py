@@ -1,0 +1,11 @@
+"""Semantic-SAM, SwinT backbone (release ``swint_only_sam_many2many.pth``)."""
+
+import ml_collections
+
+from semsam_jax.config import model_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = model_config("swin_t")
+  return config

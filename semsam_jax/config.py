@@ -1,0 +1,77 @@
+"""Model configuration schema (``ml_collections.ConfigDict``).
+
+``model_config()`` returns the SwinT SA-1B architecture; the files in ``configs/``
+override fields of it.  Every field a module reads is listed here so that a
+config built from an original Semantic-SAM YAML (see
+:func:`semsam_jax.convert.reference_config.config_from_reference_yaml`) and one
+built from ``configs/*.py`` are interchangeable.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+SWIN_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+
+def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
+  """Architecture of Semantic-SAM (defaults: SwinT, SA-1B release)."""
+  swin = {"swin_t": SWIN_T, "swin_l": SWIN_L}[backbone]
+  if backbone == "swin_l":
+    pretrain_img_size, window_size = 384, 12
+  else:
+    pretrain_img_size, window_size = 224, 7
+  return ml_collections.ConfigDict(dict(
+      backbone=dict(
+          embed_dim=swin["embed_dim"],
+          depths=swin["depths"],
+          num_heads=swin["num_heads"],
+          window_size=window_size,
+          patch_size=4,
+          mlp_ratio=4.0,
+          qkv_bias=True,
+          qk_scale=None,          # None -> head_dim ** -0.5
+          ape=False,              # absolute position embedding (unused by releases)
+          patch_norm=True,
+          pretrain_img_size=pretrain_img_size,
+          out_features=("res2", "res3", "res4", "res5"),
+          drop_path_rate=0.3,     # training only
+      ),
+      pixel_decoder=dict(
+          conv_dim=256,
+          mask_dim=256,
+          norm="GN",
+          num_groups=32,
+          num_heads=8,            # reference: MODEL.DECODER.NHEADS
+          dim_feedforward=2048,   # reference: MODEL.DECODER.DIM_FEEDFORWARD
+          dropout=0.0,
+          num_encoder_layers=6,   # reference: MODEL.ENCODER.TRANSFORMER_ENC_LAYERS
+          n_points=4,
+          in_features=("res2", "res3", "res4", "res5"),
+          transformer_in_features=("res3", "res4", "res5"),
+          num_feature_levels=3,
+          total_num_feature_levels=4,
+          common_stride=4,
+          feature_order="low2high",
+      ),
+      decoder=dict(
+          hidden_dim=256,
+          num_heads=8,
+          dim_feedforward=2048,
+          num_layers=9,
+          num_mask_tokens=6,
+          n_points=4,
+          total_num_feature_levels=4,
+          mask_dim=256,
+          dim_proj=512,
+          dropout=0.0,
+      ),
+      pixel_mean=(123.675, 116.28, 103.53),
+      pixel_std=(58.395, 57.12, 57.375),
+      size_divisibility=32,
+      # Numerics / implementation choices (not part of the checkpoint).
+      dtype="float32",            # compute dtype; "bfloat16" is opt-in
+      param_dtype="float32",
+      msda_impl="gather",         # multi-scale deformable attention implementation
+  ))

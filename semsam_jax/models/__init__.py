@@ -1,0 +1,1 @@
+"""Flax Linen modules of Semantic-SAM, one file per part of the paper's figure."""
