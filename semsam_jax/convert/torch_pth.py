@@ -139,6 +139,18 @@ class _Unpickler(pickle.Unpickler):
 
 def _read_zip(path: str) -> Any:
   try:
+    return _read_zip_archive(path)
+  except CheckpointReadError:
+    raise
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError,
+          RuntimeError, ValueError, UnicodeDecodeError) as e:
+    # A damaged archive can fail in many places inside zipfile.
+    raise CheckpointReadError(
+        f"{path}: corrupt or truncated zip checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _read_zip_archive(path: str) -> Any:
+  try:
     zf = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
     raise CheckpointReadError(f"{path}: corrupt or truncated zip checkpoint ({e})") from e
