@@ -120,6 +120,10 @@ def test_unknown_impl_and_bad_shapes():
     da.ms_deform_attn(value, ((3, 2),), loc, aw)
 
 
+def nn_unbox(tree):
+  return nn.meta.unbox(tree)
+
+
 def _init_module(mod, lq=6, shapes=((4, 5), (2, 3)), ref_dim=2, seed=0):
   c = mod.d_model
   s = sum(h * w for h, w in shapes)
@@ -148,10 +152,6 @@ def test_module_init_matches_reference_scheme():
   for name in ("value_proj", "output_proj"):
     assert np.abs(params[name]["kernel"]).max() <= limit
     np.testing.assert_array_equal(params[name]["bias"], 0)
-
-
-def nn_unbox(tree):
-  return nn.meta.unbox(tree)
 
 
 def _random_params(params, seed):
