@@ -313,7 +313,9 @@ def config_from_reference_yaml(source) -> ml_collections.ConfigDict:
       total_num_feature_levels=dec_levels,
       mask_dim=mask_dim,
       dim_proj=r.int("MODEL.DIM_PROJ", minimum=1),
-      dropout=dropout,
+      # The reference builds its decoder layers with dropout 0.0 whatever
+      # MODEL.DECODER.DROPOUT says (only the pixel decoder's encoder reads it).
+      dropout=0.0,
   )
 
   size_div = r.int(dec + "SIZE_DIVISIBILITY")
