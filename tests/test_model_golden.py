@@ -47,20 +47,21 @@ def case(request):
 
 
 def _run_all(config, params, data):
-  """Runs the model part by part, returning every intermediate."""
+  """Runs the model part by part (each part jit-compiled), returning every intermediate."""
   model = ss.SemanticSAM(ss.freeze_config(config))
   v = {"params": params}
   image = jnp.asarray(data["image_u8"])[None]
   h, w = image.shape[1:3]
   pad_hw = ss.padded_size(h, w, config.size_divisibility)
   x = ss.normalize_and_pad(image, config.pixel_mean, config.pixel_std, pad_hw)
-  feats = model.apply(v, x, method=lambda m, x: m.backbone(x))
-  mask_features, multi_scale = model.apply(
-      v, feats, method=lambda m, f: m.pixel_decoder(f))
+  feats = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: m.backbone(x)))(v, x)
+  mask_features, multi_scale = jax.jit(lambda v, f: model.apply(
+      v, f, method=lambda m, f: m.pixel_decoder(f)))(v, feats)
   is_box = bool(data["prompt_is_box"])
   boxes, pb = ss.prompts_to_boxes(jnp.asarray(data["points"])[None], is_box, (h, w), pad_hw)
   emb = {"mask_features": mask_features, "multi_scale_features": list(multi_scale)}
-  out = model.apply(v, emb, boxes, pb, None, return_aux=True, method=ss.SemanticSAM.decode)
+  out = jax.jit(lambda v, e, b, p: model.apply(
+      v, e, b, p, None, return_aux=True, method=ss.SemanticSAM.decode))(v, emb, boxes, pb)
   return x, feats, mask_features, multi_scale, boxes, out
 
 
