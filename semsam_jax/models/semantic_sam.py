@@ -216,7 +216,7 @@ def init_params(config, rng, image_hw: tuple[int, int] = (64, 64), num_prompts: 
   images = jnp.zeros((1, hp, wp, 3), jnp.float32)
   boxes = jnp.full((1, num_prompts, 4), 0.5, jnp.float32)
   pb = jnp.zeros((1, num_prompts), jnp.int32)
-  params = model.init(rng, images, boxes, pb)["params"]
+  params = jax.jit(model.init)(rng, images, boxes, pb)["params"]
   return nn.meta.unbox(params) if unbox else params
 
 
