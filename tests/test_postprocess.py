@@ -56,6 +56,19 @@ def test_select_multi_masks_rules():
   holed[0, 5:8, 5:8] = -1
   kept, _ = pp.select_multi_masks(holed, np.array([0.9]))
   assert kept[0].mask[5:8, 5:8].all() and kept[0].area == 391
+  # The threshold applies to the IoU rounded to two decimals (0.496 -> 0.5 is kept).
+  kept, _ = pp.select_multi_masks(base[[0, 3]], np.array([0.496, 0.494]))
+  assert [k.index for k in kept] == [0]
+  with pytest.raises(ValueError):
+    pp.select_multi_masks(base, np.array([0.5, 0.5]))
+
+
+def test_select_multi_masks_empty_masks_are_not_duplicates():
+  # Two empty masks: mask IoU 0/0 counts as no overlap (as in the original), so
+  # both survive when their predicted IoUs pass.
+  empty = -np.ones((2, 8, 8), np.float32)
+  kept, _ = pp.select_multi_masks(empty, np.array([0.9, 0.8]))
+  assert [k.index for k in kept] == [0, 1] and all(k.area == 0 for k in kept)
 
 
 def test_stability_score_formula():
@@ -65,7 +78,10 @@ def test_stability_score_formula():
   logits[1, 2:] = 0.5
   s = pp.stability_score(logits, 0.0, 1.0)
   np.testing.assert_allclose(s, [1.0, 0.5])
-  assert pp.stability_score(-np.ones((1, 3, 3)), 0.0, 1.0)[0] == 0.0
+  # An empty looser mask gives NaN (0/0 as in the original): fails any threshold.
+  empty = pp.stability_score(-np.ones((1, 3, 3)), 0.0, 1.0)[0]
+  assert np.isnan(empty) and not empty >= 0.0
+  np.testing.assert_allclose(pp.stability_from_counts([3, 0], [4, 0]), [0.75, np.nan])
 
 
 def test_nms_matches_brute_force():
@@ -93,3 +109,18 @@ def test_masks_to_boxes_and_rle_roundtrip():
     rle = pp.encode_rle(m[i])
     assert rle["size"] == [12, 9] and isinstance(rle["counts"], str)
     np.testing.assert_array_equal(pp.decode_rle(rle), m[i])
+    assert pp.rle_area(rle) == m[i].sum()
+    raw = pp.encode_rle(m[i], as_str=False)
+    assert isinstance(raw["counts"], bytes) and pp.rle_area(raw) == m[i].sum()
+  assert pp.xyxy_to_xywh([1, 2, 4, 8]) == [1.0, 2.0, 3.0, 6.0]
+
+
+def test_nms_edge_cases():
+  assert pp.nms(np.zeros((0, 4)), np.zeros(0), 0.5).tolist() == []
+  # Identical boxes: the higher score wins; equal scores keep the first (stable).
+  b = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], float)
+  assert pp.nms(b, np.array([0.1, 0.9, 0.5]), 0.7).tolist() == [1, 2]
+  assert pp.nms(b, np.array([1.0, 1.0, 0.0]), 0.7).tolist() == [0, 2]
+  # Degenerate (zero-area) boxes never suppress each other.
+  z = np.array([[5, 5, 5, 5], [5, 5, 5, 5]], float)
+  assert pp.nms(z, np.array([1.0, 0.5]), 0.0).tolist() == [0, 1]

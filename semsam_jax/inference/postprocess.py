@@ -43,6 +43,7 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+  """IoU of two bool masks (0 when both are empty)."""
   union = np.logical_or(a, b).sum()
   return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
@@ -60,23 +61,29 @@ def select_multi_masks(logits: np.ndarray, ious: np.ndarray, iou_thresh: float =
                        island_area: int = 100) -> tuple[list[SelectedMask], list[SelectedMask]]:
   """The original interactive predictor's selection of one prompt's masks.
 
-  Masks are visited by decreasing predicted IoU; a mask is dropped when its IoU
-  is under ``iou_thresh`` or it overlaps an already kept mask with mask IoU above
-  ``dedup_thresh`` -- except that the last mask is kept when nothing was kept
-  before it (the original's rule).  Kept masks get small holes filled and small
-  islands removed.  Returns (kept masks in IoU order, the same sorted by area
-  ascending).
+  Masks (``logits`` (T, H, W), ``ious`` (T,)) are visited by decreasing
+  predicted IoU.  A mask is dropped when its IoU, rounded to two decimals as
+  the original does, is under ``iou_thresh``, or when it overlaps an already
+  kept mask with mask IoU above ``dedup_thresh`` -- except that the last mask
+  is kept when nothing was kept before it (the original's rule).  Kept masks
+  get holes under ``hole_area`` filled and islands under ``island_area``
+  removed (8-connectivity).  Returns (kept masks in IoU order, the same sorted
+  by area ascending, the area measured before the cleanup as the original
+  does).
   """
   logits = np.asarray(logits)
   ious = np.asarray(ious, np.float64).reshape(-1)
-  if logits.shape[0] != ious.shape[0]:
-    raise ValueError(f"{logits.shape[0]} masks but {ious.shape[0]} IoUs")
+  if logits.ndim != 3 or logits.shape[0] != ious.shape[0]:
+    raise ValueError(f"expected logits (T, H, W) and T IoUs, got {logits.shape} and "
+                     f"{ious.shape[0]} IoUs")
   order = np.argsort(-ious, kind="stable")
   kept: list[SelectedMask] = []
   raw: list[np.ndarray] = []
   for rank, i in enumerate(order):
     mask = logits[i] > 0
-    drop = ious[i] < iou_thresh or any(mask_iou(mask, m) > dedup_thresh for m in raw)
+    drop = round(float(ious[i]), 2) < iou_thresh
+    if not drop:
+      drop = any(mask_iou(mask, m) > dedup_thresh for m in raw)
     if rank == len(order) - 1 and not raw:
       drop = False
     if drop:
@@ -91,11 +98,23 @@ def select_multi_masks(logits: np.ndarray, ious: np.ndarray, iou_thresh: float =
 
 
 def stability_score(logits: np.ndarray, threshold: float = 0.0, offset: float = 1.0) -> np.ndarray:
-  """IoU between the masks binarised at ``threshold + offset`` and ``- offset``."""
+  """IoU between the masks binarised at ``threshold + offset`` and ``threshold - offset``.
+
+  ``logits`` (..., H, W) -> (...).  NaN where the looser mask is empty (the
+  original divides 0 by 0), so such masks fail any stability threshold.
+  """
   logits = np.asarray(logits)
   hi = (logits > threshold + offset).sum(axis=(-1, -2), dtype=np.int64)
   lo = (logits > threshold - offset).sum(axis=(-1, -2), dtype=np.int64)
-  return np.where(lo > 0, hi / np.maximum(lo, 1), 0.0)
+  return stability_from_counts(hi, lo)
+
+
+def stability_from_counts(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+  """``hi / lo`` as float64, NaN where ``lo`` is 0."""
+  hi = np.asarray(hi, np.float64)
+  lo = np.asarray(lo, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(lo > 0, hi / np.where(lo > 0, lo, 1.0), np.nan)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -113,6 +132,7 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """(N, 4) x (M, 4) XYXY boxes -> (N, M) IoU (0 where the union is empty)."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)
@@ -141,15 +161,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
   return np.asarray(keep, np.int64)
 
 
-def encode_rle(mask: np.ndarray) -> dict:
-  """COCO RLE (``counts`` as str) of one (H, W) bool mask via pycocotools."""
+def encode_rle(mask: np.ndarray, as_str: bool = True) -> dict:
+  """COCO RLE of one (H, W) bool mask via pycocotools (``counts`` as str, or
+  bytes with ``as_str=False``)."""
   from pycocotools import mask as mask_utils
   rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-  rle["counts"] = rle["counts"].decode("utf-8")
+  if as_str:
+    rle["counts"] = rle["counts"].decode("utf-8")
   return rle
 
 
 def decode_rle(rle: dict) -> np.ndarray:
+  """(H, W) bool mask of a COCO RLE (``counts`` as str or bytes)."""
   from pycocotools import mask as mask_utils
   r = dict(rle)
   if isinstance(r["counts"], str):
@@ -157,6 +180,16 @@ def decode_rle(rle: dict) -> np.ndarray:
   return mask_utils.decode(r).astype(bool)
 
 
+def rle_area(rle: dict) -> int:
+  """Pixel count of a COCO RLE."""
+  from pycocotools import mask as mask_utils
+  r = dict(rle)
+  if isinstance(r["counts"], str):
+    r["counts"] = r["counts"].encode("utf-8")
+  return int(mask_utils.area(r))
+
+
 def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
+  """``[x0, y0, x1, y1]`` -> ``[x0, y0, x1 - x0, y1 - y0]`` as floats."""
   x0, y0, x1, y1 = (float(v) for v in box)
   return [x0, y0, x1 - x0, y1 - y0]
