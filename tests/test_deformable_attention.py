@@ -20,14 +20,18 @@ MSDA_FILES = golden.cases_or_missing("msda_*.npz")
 MSDA_IDS = golden.param_ids([f for f in MSDA_FILES if f]) or ["missing"]
 
 
+IMPLS = sorted(da.MSDA_IMPLS)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("path", MSDA_FILES, ids=MSDA_IDS)
-def test_msda_core_matches_golden(path):
+def test_msda_core_matches_golden(path, impl):
   z = golden.load_npz(path)
   shapes = tuple((int(h), int(w)) for h, w in z["spatial_shapes"])
   np.testing.assert_array_equal(z["level_start_index"], da.level_start_index(shapes))
 
   def fn(v, s, a):
-    return da.ms_deform_attn(v, shapes, s, a)
+    return da.ms_deform_attn(v, shapes, s, a, impl=impl)
 
   with jax.default_matmul_precision("highest"):
     out, vjp = jax.vjp(jax.jit(fn), z["value"], z["sampling_locations"],
@@ -57,7 +61,8 @@ def _numpy_grid_sample(img: np.ndarray, loc: np.ndarray) -> np.ndarray:
   return out
 
 
-def test_single_level_matches_numpy_bilinear_with_borders():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_level_matches_numpy_bilinear_with_borders(impl):
   rng = np.random.default_rng(0)
   h, w, d = 5, 7, 3
   img = rng.normal(size=(h, w, d)).astype(np.float32)
@@ -78,7 +83,7 @@ def test_single_level_matches_numpy_bilinear_with_borders():
   sampling = loc.reshape(1, n, 1, 1, 1, 2)
   weights = np.ones((1, n, 1, 1, 1), np.float32)
   with jax.default_matmul_precision("highest"):
-    out = da.ms_deform_attn(value, ((h, w),), sampling, weights)
+    out = da.ms_deform_attn(value, ((h, w),), sampling, weights, impl=impl)
   expected = _numpy_grid_sample(img, loc)
   np.testing.assert_allclose(np.asarray(out)[0], expected, rtol=1e-5, atol=1e-6)
   # Fully-outside points read exactly zero.
@@ -86,7 +91,8 @@ def test_single_level_matches_numpy_bilinear_with_borders():
   np.testing.assert_array_equal(np.asarray(out)[0, 13:15], 0.0)
 
 
-def test_multi_level_heads_points_weighting():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_level_heads_points_weighting(impl):
   """Output = sum over levels/points of weight * per-level bilinear sample,
   channels head-major."""
   rng = np.random.default_rng(1)
@@ -97,7 +103,7 @@ def test_multi_level_heads_points_weighting():
   loc = rng.uniform(-0.1, 1.1, size=(b, lq, m, len(shapes), p, 2)).astype(np.float32)
   aw = rng.uniform(size=(b, lq, m, len(shapes), p)).astype(np.float32)
   with jax.default_matmul_precision("highest"):
-    out = np.asarray(da.ms_deform_attn(value, shapes, loc, aw))
+    out = np.asarray(da.ms_deform_attn(value, shapes, loc, aw, impl=impl))
   expected = np.zeros((b, lq, m, dh))
   starts = da.level_start_index(shapes)
   for bi in range(b):
@@ -210,3 +216,24 @@ def test_jit_with_static_shapes():
   f = jax.jit(lambda prm, q, r, x: mod.apply({"params": prm}, q, r, x, shapes))
   out = f(params, jnp.ones((1, 4, 8)), jnp.full((1, 4, 1, 2), 0.5), jnp.ones((1, 9, 8)))
   assert out.shape == (1, 4, 8) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_implementations_agree_with_gradients():
+  """Every implementation equals "gather" in value and all three gradients on
+  random data with samples inside, on and beyond the borders."""
+  rng = np.random.default_rng(5)
+  shapes = ((6, 9), (3, 5), (2, 2))
+  b, lq, m, dh, p = 2, 11, 3, 4, 2
+  s = sum(h * w for h, w in shapes)
+  args = (rng.normal(size=(b, s, m, dh)).astype(np.float32),
+          rng.uniform(-0.3, 1.3, size=(b, lq, m, len(shapes), p, 2)).astype(np.float32),
+          rng.uniform(size=(b, lq, m, len(shapes), p)).astype(np.float32))
+  cot = rng.normal(size=(b, lq, m * dh)).astype(np.float32)
+  results = {}
+  with jax.default_matmul_precision("highest"):
+    for impl in IMPLS:
+      out, vjp = jax.vjp(lambda v, l, a: da.ms_deform_attn(v, shapes, l, a, impl=impl), *args)
+      results[impl] = (out,) + vjp(jnp.asarray(cot))
+  for impl in IMPLS:
+    for got, want in zip(results[impl], results["gather"]):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

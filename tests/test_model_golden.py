@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from semsam_jax.convert import convert_checkpoint
+from semsam_jax.models.deformable_attention import MSDA_IMPLS
 from semsam_jax.models import semantic_sam as ss
 from tests import golden
 
@@ -96,9 +97,13 @@ def test_intermediates_match_reference(case):
     _check(f"{k}_pred_ious", i, data[f"{k}_pred_ious"])
 
 
-def test_jitted_forward_matches_final_outputs(case):
-  """The single jit-compiled pure function reproduces evaluate_demo's result."""
+@pytest.mark.parametrize("impl", sorted(MSDA_IMPLS))
+def test_jitted_forward_matches_final_outputs(case, impl):
+  """The single jit-compiled pure function reproduces evaluate_demo's result,
+  with every deformable attention implementation."""
   data, config, params = case
+  config = config.copy_and_resolve_references()
+  config.msda_impl = impl
   levels = tuple(int(l) for l in data["levels"])
   fwd = ss.forward_fn(config, levels=levels, return_aux=False)
   with jax.default_matmul_precision("highest"):

@@ -119,10 +119,63 @@ def _msda_gather(value: Array, spatial_shapes: tuple[tuple[int, int], ...],
   return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, lq, m * d).astype(value.dtype)
 
 
+def _msda_patch(value: Array, spatial_shapes: tuple[tuple[int, int], ...],
+                sampling_locations: Array, attention_weights: Array) -> Array:
+  """One gather of a contiguous 2x2xD patch per sample on a zero-bordered map.
+
+  Each level is laid out (B*M, H+2, W+2, D) with a one-pixel zero border, so
+  the four bilinear corners of a sample are one (2, 2, D) slice and corners
+  outside the map read the border's zeros (grid_sample's zero padding).
+  Samples lying entirely outside get zero weight.  Four times fewer gather
+  indices than :func:`_msda_gather`, each moving two rows of 2*D values.
+  """
+  b, _, m, d = value.shape
+  _, lq, _, _, p, _ = sampling_locations.shape
+  loc = sampling_locations.astype(jnp.float32)
+  aw = attention_weights.astype(jnp.float32)
+  bm = b * m
+  out = jnp.zeros((bm, lq, d), jnp.float32)
+  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(2, 3, 4), collapsed_slice_dims=(0,),
+                                         start_index_map=(0, 1, 2))
+  batch_index = jnp.broadcast_to(jnp.arange(bm, dtype=jnp.int32)[:, None, None],
+                                 (bm, lq * p, 1))
+  start = 0
+  for lvl, (h, w) in enumerate(spatial_shapes):
+    v = value[:, start:start + h * w].reshape(b, h, w, m, d)
+    start += h * w
+    v = jnp.transpose(v, (0, 3, 1, 2, 4)).reshape(bm, h, w, d)
+    v = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    xy = jnp.transpose(loc[:, :, :, lvl], (0, 2, 1, 3, 4)).reshape(bm, lq * p, 2)
+    a = jnp.transpose(aw[:, :, :, lvl], (0, 2, 1, 3)).reshape(bm, lq * p)
+    x = xy[..., 0] * w - 0.5
+    y = xy[..., 1] * h - 0.5
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0
+    fy = y - y0
+    inside = (x0 >= -1) & (x0 <= w - 1) & (y0 >= -1) & (y0 <= h - 1)
+    a = jnp.where(inside, a, 0.0)
+    corner_w = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx],
+                         -1) * a[..., None]                              # (BM, Q, 4)
+    # Top-left corner in the bordered map; clipping only moves samples that
+    # are entirely outside (and already have zero weight).
+    xi = jnp.clip(x0 + 1, 0, w).astype(jnp.int32)
+    yi = jnp.clip(y0 + 1, 0, h).astype(jnp.int32)
+    idx = jnp.concatenate([batch_index, yi[..., None], xi[..., None]], -1)
+    patch = jax.lax.gather(v, idx, dnums, slice_sizes=(1, 2, 2, d),
+                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    patch = patch.reshape(bm, lq, p * 4, d)
+    out = out + jnp.einsum("nqk,nqkd->nqd", corner_w.reshape(bm, lq, p * 4).astype(value.dtype),
+                           patch, preferred_element_type=jnp.float32)
+  out = out.reshape(b, m, lq, d)
+  return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, lq, m * d).astype(value.dtype)
+
+
 # name -> pure function(value, spatial_shapes, sampling_locations, attention_weights).
 # ``spatial_shapes`` reaches the function as a tuple of (H, W) Python ints.
 MSDA_IMPLS: dict[str, Callable[..., Array]] = {
     "gather": _msda_gather,
+    "patch": _msda_patch,
 }
 
 
