@@ -1,0 +1,96 @@
+"""Timing helpers shared by the benchmark scripts (tables, not pass/fail tests)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def block(x):
+  return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def time_compile(jitted, *args, **kwargs) -> tuple[Any, float, float | None]:
+  """Lowers and compiles ``jitted``; returns (compiled, seconds, XLA flop count)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  secs = time.perf_counter() - t0
+  return compiled, secs, flops_of(compiled)
+
+
+def flops_of(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # backend without cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  f = cost.get("flops")
+  return float(f) if f is not None and f >= 0 else None
+
+
+def time_fn(fn: Callable, *args, warmup: int = 1, runs: int = 5) -> dict:
+  """Median/min wall time of ``fn(*args)`` (results blocked on) after warm-up."""
+  for _ in range(warmup):
+    block(fn(*args))
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    block(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return {"median": statistics.median(times), "min": min(times), "runs": runs}
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far (MiB)."""
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / 1024.0
+
+
+def device_peak_mb() -> float | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:
+    return None
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2 ** 20
+
+
+def matmul_rate(n: int = 2048, runs: int = 5) -> float:
+  """Measured float32 matrix-product rate of this machine (FLOP/s)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  t = time_fn(f, a, a, warmup=2, runs=runs)
+  return 2.0 * n ** 3 / t["median"]
+
+
+def machine_line() -> str:
+  dev = jax.devices()[0]
+  return (f"{platform.node()} | {platform.processor() or platform.machine()} | "
+          f"jax {jax.__version__} | backend {dev.platform} ({dev.device_kind}) x{jax.device_count()}")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+  cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+  print(line(cells[0]))
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in cells[1:]:
+    print(line(r))
+
+
+def _fmt(c) -> str:
+  if isinstance(c, float):
+    return f"{c:.4g}"
+  return "-" if c is None else str(c)
