@@ -83,20 +83,115 @@ def _near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int], image_box: Seque
   return np.any(near_crop & ~near_image, axis=1)
 
 
+def _axis_phases(x, factor: int, axis: int) -> list:
+  """Bilinear (align_corners=False) upsampling of ``x`` by an integer factor
+  along ``axis``, as ``factor`` phase arrays of ``x``'s shape: phase ``r``
+  holds the outputs ``factor * i + r``.  Output ``factor * i + r`` samples
+  ``i + d_r`` with ``d_r = (r + 0.5) / factor - 0.5``: a two-tap blend of
+  ``x[i]`` with its left (``d_r < 0``) or right neighbour, clamped at the
+  ends, which is what ``jax.image.resize(..., "linear")`` and PyTorch's
+  ``F.interpolate(mode="bilinear")`` compute there."""
+  n = x.shape[axis]
+  if n == 1:
+    return [x] * factor
+  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
+  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
+  out = []
+  for r in range(factor):
+    d = (r + 0.5) / factor - 0.5
+    if d < 0:
+      out.append(jnp.float32(-d) * prev + jnp.float32(1 + d) * x)
+    else:
+      out.append(jnp.float32(1 - d) * x + jnp.float32(d) * nxt)
+  return out
+
+
+def _upsample_factor(lowres_hw: tuple[int, int], padded_hw: tuple[int, int]) -> int | None:
+  """The common integer upsampling factor of both axes, if there is one."""
+  (h, w), (hp, wp) = lowres_hw, padded_hw
+  if hp % h or wp % w or hp // h != wp // w:
+    return None
+  return hp // h
+
+
+def upsample_bilinear(x, padded_hw: tuple[int, int]):
+  """(..., h, w) -> (..., Hp, Wp) bilinear (align_corners=False, no antialias).
+
+  For an integer factor (the decoder's masks are a quarter of the padded
+  canvas) the phases of :func:`_axis_phases` are interleaved; otherwise
+  ``jax.image.resize``.  Equal to ``jax.image.resize(..., "linear")`` up to
+  float rounding.
+  """
+  f = _upsample_factor(x.shape[-2:], padded_hw)
+  if f is None:
+    return jax.image.resize(x, x.shape[:-2] + tuple(padded_hw), method="linear",
+                            antialias=False)
+  h, w = x.shape[-2:]
+  rows = jnp.stack(_axis_phases(x, f, x.ndim - 2), x.ndim - 1)        # (..., h, f, w)
+  rows = rows.reshape(x.shape[:-2] + (h * f, w))
+  cols = jnp.stack(_axis_phases(rows, f, rows.ndim - 1), rows.ndim)   # (..., H, w, f)
+  return cols.reshape(x.shape[:-2] + (h * f, w * f))
+
+
+def threshold_counts_xla(lowres, image_hw, thresholds, padded_hw: tuple[int, int]):
+  """(N, h, w) logits -> (N, K) int32 counts of upsampled logits > thresholds[k]
+  inside the (H, W) = ``image_hw`` region of the ``padded_hw`` canvas.
+
+  Pure XLA.  With an integer upsampling factor f the f * f phase images of
+  the upsampled logits are thresholded and counted one by one, so the
+  full-resolution logits are never materialised.
+  """
+  hp, wp = padded_hw
+  h, w = lowres.shape[-2:]
+  f = _upsample_factor((h, w), padded_hw)
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+
+  def count(val, inside):  # (n, a, b) values, (a, b) mask -> (n, K)
+    hit = (val[..., None] > thresholds) & inside[..., None]
+    return jnp.sum(hit, axis=(1, 2), dtype=jnp.int32)
+
+  if f is None:
+    inside = (jnp.arange(hp)[:, None] < image_hw[0]) & (jnp.arange(wp)[None, :] < image_hw[1])
+    return count(upsample_bilinear(lowres, padded_hw), inside)
+  iy = jnp.arange(h)[:, None] * f
+  ix = jnp.arange(w)[None, :] * f
+  total = jnp.zeros((lowres.shape[0], thresholds.shape[0]), jnp.int32)
+  for ry, rows in enumerate(_axis_phases(lowres, f, 1)):
+    for rx, val in enumerate(_axis_phases(rows, f, 2)):
+      total = total + count(val, (iy + ry < image_hw[0]) & (ix + rx < image_hw[1]))
+  return total
+
+
+def _use_native_counts(lowres_hw, padded_hw) -> bool:
+  if jax.default_backend() != "cpu" or _upsample_factor(lowres_hw, padded_hw) is None:
+    return False
+  from semsam_jax.kernels import native
+  return native.available()
+
+
 @functools.partial(jax.jit, static_argnames=("padded_hw",))
 def _stability_counts(lowres, image_hw, offset, padded_hw: tuple[int, int]):
   """(S, L, h, w) low-res logits -> (S, L) counts of upsampled logits > +offset
-  and > -offset inside the (H, W) image region."""
-  hp, wp = padded_hw
-  inside = (jnp.arange(hp)[:, None] < image_hw[0]) & (jnp.arange(wp)[None, :] < image_hw[1])
+  and > -offset inside the (H, W) image region.
 
-  def one(x):  # (L, h, w)
-    up = jax.image.resize(x, x.shape[:1] + (hp, wp), method="linear", antialias=False)
-    hi = jnp.sum((up > offset) & inside, axis=(-1, -2), dtype=jnp.int32)
-    lo = jnp.sum((up > -offset) & inside, axis=(-1, -2), dtype=jnp.int32)
-    return hi, lo
-
-  return jax.lax.map(one, lowres, batch_size=_STATS_CHUNK)
+  On CPU the native kernel (:mod:`semsam_jax.kernels.mask_stats`) counts
+  without upsampling to memory; elsewhere :func:`threshold_counts_xla`, over
+  chunks of masks.
+  """
+  s, l, h, w = lowres.shape
+  flat = lowres.reshape(s * l, h, w)
+  thresholds = jnp.stack([offset, -offset]).astype(jnp.float32)
+  if _use_native_counts((h, w), padded_hw):
+    from semsam_jax.kernels.mask_stats import mask_threshold_counts
+    counts = mask_threshold_counts(flat, image_hw, thresholds,
+                                   _upsample_factor((h, w), padded_hw))
+  else:
+    counts = jax.lax.map(lambda x: threshold_counts_xla(x, image_hw, thresholds, padded_hw),
+                         flat.reshape(s, l, h, w), batch_size=_STATS_CHUNK).reshape(s * l, 2)
+  counts = counts.reshape(s, l, 2)
+  return counts[..., 0], counts[..., 1]
 
 
 @functools.partial(jax.jit, static_argnames=("padded_hw",))
@@ -105,8 +200,7 @@ def _binary_masks(lowres, index, padded_hw: tuple[int, int]):
   flattened prompt-major: (K, Hp, Wp) bool."""
   flat = lowres.reshape((-1,) + lowres.shape[2:])
   x = jnp.take(flat, index, axis=0)
-  up = jax.image.resize(x, x.shape[:1] + tuple(padded_hw), method="linear", antialias=False)
-  return up > 0
+  return upsample_bilinear(x, padded_hw) > 0
 
 
 class SemanticSAMAutomaticMaskGenerator:

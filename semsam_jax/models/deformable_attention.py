@@ -9,7 +9,8 @@ Two layers:
   align_corners=False)`` applied to ``2 * loc - 1``: a location ``loc`` in
   ``[0, 1]`` maps to the pixel coordinate ``loc * size - 0.5`` and every
   bilinear corner outside the map contributes zero.  Several implementations
-  with the same signature live in :data:`MSDA_IMPLS`; ``impl`` picks one.
+  with the same signature live in :data:`MSDA_IMPLS`; ``impl`` picks one
+  (``"auto"``: the fastest measured one for the backend, see :func:`resolve_impl`).
 * :class:`MSDeformAttn` -- the learned module (``sampling_offsets``,
   ``attention_weights``, ``value_proj``, ``output_proj``).  Its value projection
   (:meth:`MSDeformAttn.project_value`) and the sampling step
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semsam_jax.models import msda_impls
 from semsam_jax.models.layers import dense
 
 Array = jax.Array
@@ -154,9 +156,10 @@ def _msda_patch(value: Array, spatial_shapes: tuple[tuple[int, int], ...],
     fx = x - x0
     fy = y - y0
     inside = (x0 >= -1) & (x0 <= w - 1) & (y0 >= -1) & (y0 <= h - 1)
-    a = jnp.where(inside, a, 0.0)
     corner_w = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx],
                          -1) * a[..., None]                              # (BM, Q, 4)
+    # After the product, so that NaN locations (never inside) weigh exactly 0.
+    corner_w = jnp.where(inside[..., None], corner_w, 0.0)
     # Top-left corner in the bordered map; clipping only moves samples that
     # are entirely outside (and already have zero weight).
     xi = jnp.clip(x0 + 1, 0, w).astype(jnp.int32)
@@ -171,16 +174,45 @@ def _msda_patch(value: Array, spatial_shapes: tuple[tuple[int, int], ...],
   return jnp.transpose(out, (0, 2, 1, 3)).reshape(b, lq, m * d).astype(value.dtype)
 
 
+def _msda_cpu_native(value, spatial_shapes, sampling_locations, attention_weights):
+  from semsam_jax.kernels import msda_cpu  # builds the kernel on first use
+  return msda_cpu.msda_cpu(value, spatial_shapes, sampling_locations, attention_weights)
+
+
 # name -> pure function(value, spatial_shapes, sampling_locations, attention_weights).
 # ``spatial_shapes`` reaches the function as a tuple of (H, W) Python ints.
 MSDA_IMPLS: dict[str, Callable[..., Array]] = {
     "gather": _msda_gather,
     "patch": _msda_patch,
+    "fused": msda_impls.msda_fused,
+    "cpu_native": _msda_cpu_native,
 }
+# Valid values of ``impl`` / ``config.msda_impl``: the implementations and "auto".
+IMPL_CHOICES = ("auto",) + tuple(MSDA_IMPLS)
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """The implementation ``impl`` stands for on ``backend`` (default: JAX's).
+
+  ``"auto"`` is the fastest measured choice (``benchmarks/RESULTS.md``): on
+  CPU the native kernel (``"cpu_native"``) when it can be built here, else
+  ``"fused"``; on other backends ``"gather"``.  Other names are returned as
+  they are (after validation).
+  """
+  if impl != "auto":
+    if impl not in MSDA_IMPLS:
+      raise ValueError(f"unknown ms_deform_attn implementation {impl!r}; "
+                       f"valid names: {list(IMPL_CHOICES)}")
+    return impl
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    from semsam_jax.kernels import msda_cpu
+    return "cpu_native" if msda_cpu.available() else "fused"
+  return "gather"
 
 
 def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locations: Array,
-                   attention_weights: Array, impl: str = "gather") -> Array:
+                   attention_weights: Array, impl: str = "auto") -> Array:
   """Multi-scale deformable attention core.
 
   Args:
@@ -191,16 +223,12 @@ def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locatio
       top-left corner of the map, (1, 1) the bottom-right one; values outside
       [0, 1] are allowed (they read zeros outside the map).
     attention_weights: (B, Lq, M, L, P), usually a softmax over L * P.
-    impl: a key of :data:`MSDA_IMPLS`.
+    impl: a key of :data:`MSDA_IMPLS`, or ``"auto"`` (see :func:`resolve_impl`).
 
   Returns:
     (B, Lq, M * D).
   """
-  try:
-    fn = MSDA_IMPLS[impl]
-  except KeyError:
-    raise ValueError(f"unknown ms_deform_attn implementation {impl!r}; "
-                     f"valid names: {sorted(MSDA_IMPLS)}") from None
+  fn = MSDA_IMPLS[resolve_impl(impl)]
   shapes = _static_shapes(spatial_shapes)
   _check_inputs(value, shapes, sampling_locations, attention_weights)
   return fn(value, shapes, sampling_locations, attention_weights)
@@ -235,22 +263,22 @@ class MSDeformAttn(nn.Module):
   Attributes:
     d_model: channels of queries / values.
     n_levels, n_heads, n_points: feature levels, heads and samples per head and level.
-    impl: :data:`MSDA_IMPLS` key of the sampling core.
+    impl: :data:`MSDA_IMPLS` key of the sampling core, or "auto" (:func:`resolve_impl`).
   """
   d_model: int = 256
   n_levels: int = 4
   n_heads: int = 8
   n_points: int = 4
-  impl: str = "gather"
+  impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     if self.d_model % self.n_heads:
       raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-    if self.impl not in MSDA_IMPLS:
+    if self.impl not in IMPL_CHOICES:
       raise ValueError(f"unknown ms_deform_attn implementation {self.impl!r}; "
-                       f"valid names: {sorted(MSDA_IMPLS)}")
+                       f"valid names: {list(IMPL_CHOICES)}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     m, l, p = self.n_heads, self.n_levels, self.n_points
     self.sampling_offsets = dense(

@@ -1,0 +1,418 @@
+// Multi-scale deformable attention for XLA:CPU, as typed-FFI custom calls.
+//
+// Semantics are those of semsam_jax.models.deformable_attention.ms_deform_attn
+// (bilinear sampling with zero padding, align_corners=False: a normalised
+// location l of a side of n pixels maps to the pixel coordinate l * n - 0.5).
+//
+//   value                (B, S, M, D)        float32, levels flattened row-major
+//   sampling_locations   (B, Q, M, L, P, 2)  float32 normalised (x, y)
+//   attention_weights    (B, Q, M, L, P)     float32
+//   output               (B, Q, M, D)        float32
+//
+// Attribute `shapes`: int64 [H0, W0, H1, W1, ...] of the L levels.
+//
+// Forward: every (b, q, m) accumulates its L * P * 4 weighted corner rows of
+// D channels in registers; work is split over queries.  Backward: for every
+// (b, m) the pass over all queries accumulates the value gradient of that
+// head (rows of different heads are disjoint, so threads never write the same
+// row) and writes the location / attention-weight gradients of its samples.
+//
+// Work runs on XLA's intra-op thread pool.  The calling thread takes part,
+// chunks are claimed from an atomic counter and the caller only waits for
+// chunks that another thread has already started, so the kernel never waits
+// for a pool thread to become free (no deadlock when the pool is busy).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Level {
+  int64_t h, w, start;
+};
+
+// ---------------------------------------------------------------- threading
+
+struct ForState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t num_chunks = 0;
+};
+
+template <typename F>
+void RunChunks(ForState* st, int64_t n, int64_t grain, const F& f) {
+  while (true) {
+    int64_t c = st->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= st->num_chunks) return;
+    int64_t lo = c * grain;
+    int64_t hi = std::min(n, lo + grain);
+    f(lo, hi);
+    st->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Calls f(lo, hi) on disjoint ranges covering [0, n).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t num_chunks = (n + grain - 1) / grain;
+  const int64_t threads = pool.num_threads();
+  if (threads <= 1 || num_chunks <= 1) {
+    f(0, n);
+    return;
+  }
+  auto st = std::make_shared<ForState>();
+  st->num_chunks = num_chunks;
+  // Helpers copy `f` (it only holds references to buffers that outlive every
+  // chunk) and the shared state; one that starts after the last chunk was
+  // claimed returns without touching anything else.
+  const int64_t helpers = std::min(threads, num_chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([st, n, grain, f]() { RunChunks(st.get(), n, grain, f); });
+  }
+  RunChunks(st.get(), n, grain, f);
+  while (st->done.load(std::memory_order_acquire) < num_chunks) {
+    std::this_thread::yield();
+  }
+}
+
+// ---------------------------------------------------------------- geometry
+
+// The (up to) four corners of one bilinear sample.  `row[c]` is the position
+// (inside the flattened sequence) of corner c = (top-left, top-right,
+// bottom-left, bottom-right) or -1 when that corner lies outside the map.
+struct Corners {
+  int64_t row[4];
+  float w[4];   // bilinear weights (zero for outside corners)
+  float fx, fy;
+  bool any;     // false: the sample lies entirely outside the map
+};
+
+inline Corners Locate(float lx, float ly, const Level& lv) {
+  Corners c;
+  const float x = lx * static_cast<float>(lv.w) - 0.5f;
+  const float y = ly * static_cast<float>(lv.h) - 0.5f;
+  // Some corner is inside iff floor(x) in [-1, W-1] and floor(y) in [-1, H-1];
+  // written so that NaN locations count as outside.
+  c.any = (x >= -1.0f) && (x < static_cast<float>(lv.w)) && (y >= -1.0f) &&
+          (y < static_cast<float>(lv.h));
+  if (!c.any) return c;
+  const float x0f = std::floor(x);
+  const float y0f = std::floor(y);
+  c.fx = x - x0f;
+  c.fy = y - y0f;
+  const int64_t x0 = static_cast<int64_t>(x0f);
+  const int64_t y0 = static_cast<int64_t>(y0f);
+  const float gx = 1.0f - c.fx, gy = 1.0f - c.fy;
+  const bool xin0 = x0 >= 0, xin1 = x0 + 1 < lv.w;
+  const bool yin0 = y0 >= 0, yin1 = y0 + 1 < lv.h;
+  const int64_t base = lv.start + y0 * lv.w + x0;
+  c.row[0] = (yin0 && xin0) ? base : -1;
+  c.row[1] = (yin0 && xin1) ? base + 1 : -1;
+  c.row[2] = (yin1 && xin0) ? base + lv.w : -1;
+  c.row[3] = (yin1 && xin1) ? base + lv.w + 1 : -1;
+  c.w[0] = c.row[0] >= 0 ? gy * gx : 0.0f;
+  c.w[1] = c.row[1] >= 0 ? gy * c.fx : 0.0f;
+  c.w[2] = c.row[2] >= 0 ? c.fy * gx : 0.0f;
+  c.w[3] = c.row[3] >= 0 ? c.fy * c.fx : 0.0f;
+  return c;
+}
+
+// --------------------------------------------------------------- inner loops
+
+// 16 floats as one GCC/Clang vector: one AVX-512 register, two AVX2 ones, ...
+typedef float F16 __attribute__((vector_size(64)));
+
+inline F16 Load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store16(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float Sum16(F16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// Channel loops for kD = 16 * N channels (N > 0), held in vector registers;
+// kD = 0 is the generic fallback for any channel count.
+template <int kD>
+struct Channels {
+  static constexpr int N = kD / 16;
+  F16 acc[N > 0 ? N : 1];
+  void Zero(int64_t) {
+    for (int n = 0; n < N; ++n) acc[n] = F16{} ;
+  }
+  void Axpy(const float* v, float a, int64_t) {
+    const F16 av = F16{} + a;
+    for (int n = 0; n < N; ++n) acc[n] += av * Load16(v + 16 * n);
+  }
+  void Store(float* out, int64_t) const {
+    for (int n = 0; n < N; ++n) Store16(out + 16 * n, acc[n]);
+  }
+};
+
+template <>
+struct Channels<0> {
+  std::vector<float> acc;
+  void Zero(int64_t d) { acc.assign(d, 0.0f); }
+  void Axpy(const float* v, float a, int64_t d) {
+    for (int64_t i = 0; i < d; ++i) acc[i] += a * v[i];
+  }
+  void Store(float* out, int64_t d) const { std::memcpy(out, acc.data(), sizeof(float) * d); }
+};
+
+// out[0:kD] += a * g[0:kD] (in memory) and <v, g>, for the backward pass.
+template <int kD>
+struct RowOps {
+  static constexpr int N = kD / 16;
+  static inline float Dot(const float* v, const float* g, int64_t) {
+    F16 s = F16{};
+    for (int n = 0; n < N; ++n) s += Load16(v + 16 * n) * Load16(g + 16 * n);
+    return Sum16(s);
+  }
+  static inline void Axpy(float* out, const float* g, float a, int64_t) {
+    const F16 av = F16{} + a;
+    for (int n = 0; n < N; ++n) Store16(out + 16 * n, Load16(out + 16 * n) + av * Load16(g + 16 * n));
+  }
+};
+
+template <>
+struct RowOps<0> {
+  static inline float Dot(const float* v, const float* g, int64_t d) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < d; ++i) s += v[i] * g[i];
+    return s;
+  }
+  static inline void Axpy(float* out, const float* g, float a, int64_t d) {
+    for (int64_t i = 0; i < d; ++i) out[i] += a * g[i];
+  }
+};
+
+struct Dims {
+  int64_t b, s, m, d, q, l, p;
+};
+
+ffi::Error CheckDims(const Dims& k, ffi::Span<const int64_t> shapes, std::vector<Level>* levels) {
+  if (static_cast<int64_t>(shapes.size()) != 2 * k.l) {
+    return ffi::Error::InvalidArgument("msda: `shapes` must hold 2 values per level");
+  }
+  int64_t total = 0;
+  for (int64_t i = 0; i < k.l; ++i) {
+    Level lv{shapes[2 * i], shapes[2 * i + 1], total};
+    if (lv.h <= 0 || lv.w <= 0) return ffi::Error::InvalidArgument("msda: empty level");
+    total += lv.h * lv.w;
+    levels->push_back(lv);
+  }
+  if (total != k.s) {
+    return ffi::Error::InvalidArgument("msda: spatial shapes do not sum to the value length");
+  }
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ forward
+
+template <int kD>
+void Forward(const Dims& k, const std::vector<Level>& lv, const float* value,
+             const float* loc, const float* aw, float* out, int64_t lo, int64_t hi) {
+  // [lo, hi) ranges over b * Q + q.
+  const int64_t lp = k.l * k.p;
+  const int64_t row_stride = k.m * k.d;
+  Channels<kD> acc;
+  for (int64_t bq = lo; bq < hi; ++bq) {
+    const int64_t b = bq / k.q;
+    const float* vb = value + b * k.s * row_stride;
+    for (int64_t m = 0; m < k.m; ++m) {
+      const int64_t qm = bq * k.m + m;
+      acc.Zero(k.d);
+      const float* vm = vb + m * k.d;
+      for (int64_t l = 0; l < k.l; ++l) {
+        for (int64_t p = 0; p < k.p; ++p) {
+          const int64_t i = qm * lp + l * k.p + p;
+          const Corners c = Locate(loc[2 * i], loc[2 * i + 1], lv[l]);
+          if (!c.any) continue;
+          const float att = aw[i];
+          for (int j = 0; j < 4; ++j) {
+            if (c.row[j] < 0) continue;
+            acc.Axpy(vm + c.row[j] * row_stride, c.w[j] * att, k.d);
+          }
+        }
+      }
+      acc.Store(out + qm * k.d, k.d);
+    }
+  }
+}
+
+// ----------------------------------------------------------------- backward
+
+template <int kD>
+void Backward(const Dims& k, const std::vector<Level>& lv, const float* value,
+              const float* loc, const float* aw, const float* g, float* g_value,
+              float* g_loc, float* g_aw, int64_t lo, int64_t hi) {
+  // [lo, hi) ranges over b * M + m.
+  const int64_t lp = k.l * k.p;
+  const int64_t row_stride = k.m * k.d;
+  for (int64_t bm = lo; bm < hi; ++bm) {
+    const int64_t b = bm / k.m, m = bm % k.m;
+    const float* vm = value + b * k.s * row_stride + m * k.d;
+    float* gvm = g_value + b * k.s * row_stride + m * k.d;
+    for (int64_t s = 0; s < k.s; ++s) std::fill(gvm + s * row_stride, gvm + s * row_stride + k.d, 0.0f);
+    for (int64_t q = 0; q < k.q; ++q) {
+      const int64_t qm = (b * k.q + q) * k.m + m;
+      const float* gq = g + qm * k.d;
+      for (int64_t l = 0; l < k.l; ++l) {
+        for (int64_t p = 0; p < k.p; ++p) {
+          const int64_t i = qm * lp + l * k.p + p;
+          const Corners c = Locate(loc[2 * i], loc[2 * i + 1], lv[l]);
+          if (!c.any) {
+            g_aw[i] = 0.0f;
+            g_loc[2 * i] = 0.0f;
+            g_loc[2 * i + 1] = 0.0f;
+            continue;
+          }
+          const float att = aw[i];
+          float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          for (int j = 0; j < 4; ++j) {
+            if (c.row[j] < 0) continue;
+            const int64_t off = c.row[j] * row_stride;
+            dot[j] = RowOps<kD>::Dot(vm + off, gq, k.d);
+            RowOps<kD>::Axpy(gvm + off, gq, c.w[j] * att, k.d);
+          }
+          const float gx = 1.0f - c.fx, gy = 1.0f - c.fy;
+          g_aw[i] = c.w[0] * dot[0] + c.w[1] * dot[1] + c.w[2] * dot[2] + c.w[3] * dot[3];
+          // d sample / d x = (1 - fy)(v_tr - v_tl) + fy (v_br - v_bl); dx / d loc_x = W.
+          g_loc[2 * i] = att * static_cast<float>(lv[l].w) *
+                         (gy * (dot[1] - dot[0]) + c.fy * (dot[3] - dot[2]));
+          g_loc[2 * i + 1] = att * static_cast<float>(lv[l].h) *
+                             (gx * (dot[2] - dot[0]) + c.fx * (dot[3] - dot[1]));
+        }
+      }
+    }
+  }
+}
+
+Dims DimsOf(ffi::Buffer<ffi::F32>& value, ffi::Buffer<ffi::F32>& loc) {
+  auto vd = value.dimensions();
+  auto ld = loc.dimensions();
+  return Dims{vd[0], vd[1], vd[2], vd[3], ld[1], ld[3], ld[4]};
+}
+
+ffi::Error CheckRanks(ffi::Buffer<ffi::F32>& value, ffi::Buffer<ffi::F32>& loc,
+                      ffi::Buffer<ffi::F32>& aw) {
+  auto vd = value.dimensions();
+  auto ld = loc.dimensions();
+  auto ad = aw.dimensions();
+  if (vd.size() != 4 || ld.size() != 6 || ad.size() != 5 || ld[5] != 2) {
+    return ffi::Error::InvalidArgument("msda: bad operand ranks");
+  }
+  if (ld[0] != vd[0] || ld[2] != vd[2]) {
+    return ffi::Error::InvalidArgument("msda: batch / head sizes disagree");
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (ad[i] != ld[i]) return ffi::Error::InvalidArgument("msda: attention weight shape");
+  }
+  return ffi::Error::Success();
+}
+
+// Queries per forward chunk: enough work to amortise scheduling.
+constexpr int64_t kForwardGrain = 64;
+
+ffi::Error MsdaForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value,
+                           ffi::Buffer<ffi::F32> loc, ffi::Buffer<ffi::F32> aw,
+                           ffi::Span<const int64_t> shapes,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  if (auto e = CheckRanks(value, loc, aw); e.failure()) return e;
+  const Dims k = DimsOf(value, loc);
+  std::vector<Level> lv;
+  if (auto e = CheckDims(k, shapes, &lv); e.failure()) return e;
+  const float* v = value.typed_data();
+  const float* l = loc.typed_data();
+  const float* a = aw.typed_data();
+  float* o = out->typed_data();
+  auto run = [&](auto tag) {
+    constexpr int kD = decltype(tag)::value;
+    ParallelFor(pool, k.b * k.q, kForwardGrain, [&k, &lv, v, l, a, o](int64_t lo, int64_t hi) {
+      Forward<kD>(k, lv, v, l, a, o, lo, hi);
+    });
+  };
+  switch (k.d) {
+    case 16: run(std::integral_constant<int, 16>()); break;
+    case 32: run(std::integral_constant<int, 32>()); break;
+    case 64: run(std::integral_constant<int, 64>()); break;
+    default: run(std::integral_constant<int, 0>()); break;
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MsdaBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value,
+                            ffi::Buffer<ffi::F32> loc, ffi::Buffer<ffi::F32> aw,
+                            ffi::Buffer<ffi::F32> g, ffi::Span<const int64_t> shapes,
+                            ffi::ResultBuffer<ffi::F32> g_value,
+                            ffi::ResultBuffer<ffi::F32> g_loc,
+                            ffi::ResultBuffer<ffi::F32> g_aw) {
+  if (auto e = CheckRanks(value, loc, aw); e.failure()) return e;
+  const Dims k = DimsOf(value, loc);
+  std::vector<Level> lv;
+  if (auto e = CheckDims(k, shapes, &lv); e.failure()) return e;
+  const float* v = value.typed_data();
+  const float* l = loc.typed_data();
+  const float* a = aw.typed_data();
+  const float* gg = g.typed_data();
+  float* gv = g_value->typed_data();
+  float* gl = g_loc->typed_data();
+  float* ga = g_aw->typed_data();
+  auto run = [&](auto tag) {
+    constexpr int kD = decltype(tag)::value;
+    ParallelFor(pool, k.b * k.m, 1, [&k, &lv, v, l, a, gg, gv, gl, ga](int64_t lo, int64_t hi) {
+      Backward<kD>(k, lv, v, l, a, gg, gv, gl, ga, lo, hi);
+    });
+  };
+  switch (k.d) {
+    case 16: run(std::integral_constant<int, 16>()); break;
+    case 32: run(std::integral_constant<int, 32>()); break;
+    case 64: run(std::integral_constant<int, 64>()); break;
+    default: run(std::integral_constant<int, 0>()); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SemsamMsdaForward, MsdaForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("shapes")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SemsamMsdaBackward, MsdaBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("shapes")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Version of the calling conventions of this library (all its sources); the
+// Python side checks it.
+extern "C" int SemsamKernelsAbiVersion() { return 1; }

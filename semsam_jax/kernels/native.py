@@ -1,0 +1,174 @@
+"""Build, cache and registration of the native CPU kernels.
+
+The C++ sources next to this file (``msda_cpu.cc``: multi-scale deformable
+attention forward and backward; ``mask_stats_cpu.cc``: threshold counts of
+upsampled mask logits) are XLA typed-FFI custom calls.  On first use they are
+compiled into one shared library with the system C++ compiler (``$CXX``, else
+``c++`` / ``g++`` / ``clang++``) against the FFI headers shipped with jaxlib,
+for the machine it runs on (``-march=native``), into
+``$SEMSAM_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/semsam_jax`` or
+``~/.cache/semsam_jax``).  The file name carries a hash of the sources, the
+compiler command, the jaxlib version and the CPU's feature flags, so a
+changed source, toolchain or machine gets its own build; the library is
+written under a temporary name and renamed, so a partial file is never
+loaded.  Building takes a few seconds, once per machine.
+
+``SEMSAM_JAX_NATIVE=0`` disables the kernels: :func:`available` is then
+False and callers use their pure-XLA formulations.
+
+Registration with XLA is process-wide by nature (custom-call targets are
+looked up by name); it happens once, under a lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc")
+ABI_VERSION = 1
+# name -> exported handler symbol
+TARGETS = {
+    "semsam_msda_cpu_forward": "SemsamMsdaForward",
+    "semsam_msda_cpu_backward": "SemsamMsdaBackward",
+    "semsam_mask_counts_cpu": "SemsamMaskCounts",
+}
+# Batch-partitionable under SPMD (every operand and result is batch-major).
+BATCH_PARTITIONABLE = ("semsam_msda_cpu_forward", "semsam_msda_cpu_backward",
+                       "semsam_mask_counts_cpu")
+# -ffp-contract=off: no fused multiply-adds, so results round like XLA's
+# formulations of the same arithmetic.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
+
+_lock = threading.Lock()
+_state: dict = {}   # "lib" once loaded, or "error" (str) once failed
+
+
+class KernelUnavailableError(RuntimeError):
+  """The native kernels could not be built or loaded (the message says why)."""
+
+
+def cache_dir() -> Path:
+  env = os.environ.get("SEMSAM_JAX_KERNEL_CACHE")
+  if env:
+    return Path(env)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "semsam_jax"
+
+
+def compiler() -> str | None:
+  """The C++ compiler that builds the kernels, or None."""
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return name
+  return None
+
+
+def _cpu_signature() -> str:
+  """Machine and CPU feature flags (the build is specific to them)."""
+  flags = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          flags = line
+          break
+  except OSError:
+    pass
+  return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def library_path(cxx: str, sources=SOURCES) -> Path:
+  import jaxlib
+  h = hashlib.sha256()
+  for src in sources:
+    h.update(Path(src).read_bytes())
+  h.update(repr((cxx, FLAGS, jaxlib.__version__, _cpu_signature())).encode())
+  return cache_dir() / f"semsam_kernels-{h.hexdigest()[:16]}.so"
+
+
+def build(cxx: str, target: Path, sources=SOURCES) -> None:
+  """Compiles ``sources`` into ``target`` (atomically: temp file + rename)."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+  os.close(fd)
+  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", tmp]
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+      names = ", ".join(Path(s).name for s in sources)
+      raise KernelUnavailableError(
+          f"compiling {names} failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def load():
+  """Builds (if needed), loads and registers the kernels once per process.
+
+  Returns the ``ctypes.CDLL``; raises :class:`KernelUnavailableError`.
+  """
+  with _lock:
+    if "lib" in _state:
+      return _state["lib"]
+    if "error" in _state:
+      raise KernelUnavailableError(_state["error"])
+    try:
+      if os.environ.get("SEMSAM_JAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise KernelUnavailableError("disabled by SEMSAM_JAX_NATIVE=0")
+      if sys.platform == "win32":
+        raise KernelUnavailableError("the native kernels are built for Linux/macOS only")
+      cxx = compiler()
+      if cxx is None:
+        raise KernelUnavailableError("no C++ compiler found (set $CXX or install g++)")
+      path = library_path(cxx)
+      if not path.exists():
+        build(cxx, path)
+      lib = ctypes.CDLL(str(path))
+      if lib.SemsamKernelsAbiVersion() != ABI_VERSION:
+        raise KernelUnavailableError(f"{path} has ABI {lib.SemsamKernelsAbiVersion()}, "
+                                     f"expected {ABI_VERSION}")
+      for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+      for name in BATCH_PARTITIONABLE:
+        jax.ffi.register_ffi_target_as_batch_partitionable(name)
+    except KernelUnavailableError as e:
+      _state["error"] = str(e)
+      raise
+    except OSError as e:  # filesystem / dlopen problems
+      _state["error"] = f"loading the native kernels failed: {e}"
+      raise KernelUnavailableError(_state["error"]) from e
+    _state["lib"] = lib
+    return lib
+
+
+def available() -> bool:
+  """True when the kernels are (or can be) built and loaded here."""
+  try:
+    load()
+  except KernelUnavailableError:
+    return False
+  return True
+
+
+def unavailable_reason() -> str | None:
+  """Why :func:`available` is False (None when it is True)."""
+  try:
+    load()
+  except KernelUnavailableError as e:
+    return str(e)
+  return None
