@@ -73,5 +73,13 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       # Numerics / implementation choices (not part of the checkpoint).
       dtype="float32",            # compute dtype; "bfloat16" is opt-in
       param_dtype="float32",
-      msda_impl="gather",         # multi-scale deformable attention implementation
+      msda_impl="auto",           # deformable attention core: auto|gather|patch|fused|cpu_native
+      # Token chunking (0: all tokens at once).  Per-token work runs in loops
+      # over chunks of about this many tokens, which keeps intermediates in
+      # the CPU caches; only speed and memory depend on it, not the results.
+      # Swin blocks (rounded to whole windows):
+      backbone_token_chunk=4096,
+      # Pixel-decoder encoder layers (value projection, and everything per
+      # query after the sampling) and the decoder's per-layer memory projection:
+      memory_token_chunk=1024,
   ))

@@ -114,3 +114,29 @@ def test_jitted_forward_matches_final_outputs(case, impl):
   _check("final_masks", masks, data["final_masks"], sign=True)
   _check("final_ious", out["ious"], data["final_ious"])
   assert "aux_outputs" not in out or not out["aux_outputs"]
+
+
+@pytest.mark.parametrize("chunks", [(0, 0), (300, 200)], ids=["unchunked", "small-chunks"])
+def test_token_chunking_does_not_change_results(case, chunks):
+  """The default chunk sizes (golden-checked above) against no chunking and
+  small chunks that need padding (Swin windows and memory tokens that do not
+  divide evenly): the embedding is the same function (up to the summation
+  order of differently blocked matrix products)."""
+  data, config, params = case
+  image = jnp.asarray(data["image_u8"])[None]
+  pad_hw = ss.padded_size(*image.shape[1:3], config.size_divisibility)
+  x = ss.normalize_and_pad(image, config.pixel_mean, config.pixel_std, pad_hw)
+
+  def embed(cfg):
+    model = ss.SemanticSAM(ss.freeze_config(cfg))
+    with jax.default_matmul_precision("highest"):
+      return jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                              method=ss.SemanticSAM.embed_image))(params, x)
+
+  other = config.copy_and_resolve_references()
+  other.backbone_token_chunk, other.memory_token_chunk = chunks
+  ref, got = embed(config), embed(other)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(ref),
+                        jax.tree.leaves(got)):
+    err = golden.rel_l2(b, a)
+    assert err <= 5e-6, f"{jax.tree_util.keystr(path[0])}: {err:.3g}"  # summation order only

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semsam_jax.models.deformable_attention import MSDeformAttn
-from semsam_jax.models.layers import (MLP, Dtype, dense, inverse_sigmoid,
+from semsam_jax.models.layers import (MLP, Dtype, dense, inverse_sigmoid, map_token_chunks,
                                       layer_norm)
 
 Array = jax.Array
@@ -203,7 +203,7 @@ class DeformableDecoderLayer(nn.Module):
   n_levels: int
   n_points: int
   dropout: float = 0.0
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -253,7 +253,7 @@ class TransformerDecoder(nn.Module):
   n_levels: int
   n_points: int
   dropout: float = 0.0
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -309,14 +309,17 @@ class GranularityDecoder(nn.Module):
   mask_dim: int = 256
   dim_proj: int = 512
   dropout: float = 0.0
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
+  # Memory tokens per chunk of the value projections in project_memory (0:
+  # all at once); speed and memory only, the results do not depend on it.
+  memory_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @classmethod
   def from_config(cls, cfg_decoder, **kwargs) -> "GranularityDecoder":
-    """Builds the module from ``config.decoder``; ``kwargs`` (msda_impl, dtype,
-    param_dtype, ...) override or complete it."""
+    """Builds the module from ``config.decoder``; ``kwargs`` (msda_impl,
+    memory_chunk, dtype, param_dtype, ...) override or complete it."""
     fields = ("hidden_dim", "num_heads", "dim_feedforward", "num_layers", "num_mask_tokens",
               "n_points", "total_num_feature_levels", "mask_dim", "dim_proj", "dropout")
     args = {f: cfg_decoder[f] for f in fields}
@@ -380,7 +383,10 @@ class GranularityDecoder(nn.Module):
         [f.reshape(f.shape[0], -1, f.shape[-1]) for f in ordered], axis=1).astype(self.dtype)
     values = None
     if project_values:
-      values = tuple(layer.project_value(memory) for layer in self.decoder.layers)
+      # Per token, so computed over chunks of tokens (cache-sized on CPU).
+      def project(mdl, mem):
+        return tuple(layer.project_value(mem) for layer in mdl.decoder.layers)
+      values = map_token_chunks(self, project, (memory,), self.memory_chunk)
     return DecoderMemory(memory=memory, values=values, spatial_shapes=shapes)
 
   # ------------------------------------------------------------------ prompt side

@@ -73,20 +73,62 @@ def group_norm(num_groups: int, name: str, dtype: Dtype = jnp.float32,
       name=name)
 
 
+def conv2d(x, kernel, stride: int = 1, padding: int = 0):
+  """NHWC x HWIO convolution with symmetric integer padding.
+
+  A 1x1 convolution without stride or padding is computed as a matrix
+  product over the channels: the same sums, and on CPU about twice as fast
+  as XLA's convolution for the wide 1x1 layers of the pixel decoder.
+  """
+  kh, kw = kernel.shape[:2]
+  if (kh, kw) == (1, 1) and stride == 1 and padding == 0:
+    return jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+  """NHWC convolution with PyTorch-style symmetric integer padding.
+
+  Parameters ``kernel`` (HWIO) and ``bias``, as ``flax.linen.Conv`` names and
+  initialises them; computed with :func:`conv2d`.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init,
+                                               (None, None, "conv_in", "conv_out")),
+        (k, k, x.shape[-1], self.features), self.param_dtype)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             ("conv_out",)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def conv(features: int, kernel_size: int, name: str, stride: int = 1,
-         padding: int | str = 0, use_bias: bool = True, dtype: Dtype = jnp.float32,
+         padding: int = 0, use_bias: bool = True, dtype: Dtype = jnp.float32,
          param_dtype: Dtype = jnp.float32,
-         kernel_init: Callable = nn.initializers.lecun_normal()) -> nn.Conv:
+         kernel_init: Callable = nn.initializers.lecun_normal()) -> Conv:
   """NHWC convolution with explicit symmetric integer padding (PyTorch style)."""
-  if isinstance(padding, int):
-    padding = ((padding, padding), (padding, padding))
-  return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(stride, stride),
-      padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-          kernel_init, (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-      name=name)
+  if not isinstance(padding, int):
+    raise TypeError(f"padding must be an int (symmetric, PyTorch style), got {padding!r}")
+  return Conv(features, kernel_size, stride=stride, padding=padding, use_bias=use_bias,
+              dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 class MLP(nn.Module):
@@ -109,3 +151,59 @@ class MLP(nn.Module):
       if not last:
         x = nn.relu(x)
     return x
+
+
+def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
+  """(number of chunks, chunk size) used by :func:`map_token_chunks`."""
+  n0 = -(-length // chunk)
+  for n in range(max(1, -(-length // (chunk + chunk // 4))), 2 * n0 + 1):
+    if length % n == 0:
+      return n, length // n
+  return n0, -(-length // n0)
+
+
+def map_token_chunks(module: nn.Module, fn: Callable, xs: Sequence[Any], chunk: int,
+                     pad_values: Sequence[float] | None = None):
+  """Applies ``fn(module, *xs)`` to consecutive chunks of at most ``chunk``
+  tokens (axis 1 of every array in ``xs``) in a sequential loop.
+
+  ``fn`` must treat tokens independently (anything shared, such as a value
+  table, is closed over).  The results are those of one call on all tokens,
+  but every chunk's intermediates (hidden FFN activations, gathered samples)
+  stay small enough for the CPU caches, which makes large token counts much
+  faster on CPU.  The loop is a ``flax.linen.scan`` with the parameters
+  broadcast, so the parameter tree is that of a direct call.
+
+  The token count is split into ``n`` equal chunks: a divisor of ``L`` giving
+  chunks of at most 1.25 ``chunk`` tokens when there is one (no padding),
+  else ``n = ceil(L / chunk)`` with the few missing tokens padded (with
+  ``pad_values[i]`` for ``xs[i]``, zero by default) and cropped from the
+  outputs.  ``chunk <= 0`` or ``L <= chunk`` calls ``fn`` once.  Returns
+  whatever ``fn`` returns (a pytree of arrays with tokens on axis 1).
+  """
+  length = xs[0].shape[1]
+  if chunk <= 0 or length <= chunk:
+    return fn(module, *xs)
+  n, size = chunk_layout(length, chunk)
+  pad = n * size - length
+  pad_values = tuple(pad_values) if pad_values is not None else (0.0,) * len(xs)
+
+  def split(x, fill):
+    if pad:
+      widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+      x = jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+    x = x.reshape((x.shape[0], n, size) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def merge(y):
+    y = jnp.moveaxis(y, 0, 1)
+    y = y.reshape((y.shape[0], n * size) + y.shape[3:])
+    return y[:, :length] if pad else y
+
+  def body(mdl, carry, chunk_xs):
+    return carry, fn(mdl, *chunk_xs)
+
+  scan = nn.scan(body, variable_broadcast="params",
+                 split_rngs={"params": False, "dropout": True}, length=n)
+  _, ys = scan(module, None, tuple(split(x, v) for x, v in zip(xs, pad_values)))
+  return jax.tree.map(merge, ys)

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from semsam_jax.models.deformable_attention import MSDeformAttn
-from semsam_jax.models.layers import conv, dense, group_norm, layer_norm
+from semsam_jax.models.layers import (conv, conv2d, dense, group_norm, layer_norm,
+                                      map_token_chunks)
 
 Array = jax.Array
 Dtype = Any
@@ -79,8 +80,11 @@ def sine_position_embedding(height: int, width: int, num_pos_feats: int,
     return jnp.stack([jnp.sin(a[:, 0::2]), jnp.cos(a[:, 1::2])], axis=-1).reshape(
         v.shape[0], num_pos_feats)
 
-  pos_y = jnp.broadcast_to(encode(y)[:, None, :], (height, width, num_pos_feats))
-  pos_x = jnp.broadcast_to(encode(x)[None, :, :], (height, width, num_pos_feats))
+  # The barrier keeps XLA from fusing the sin/cos of the (n, feats) tables into
+  # the broadcasts below, which would evaluate them once per map position.
+  enc_y, enc_x = jax.lax.optimization_barrier((encode(y), encode(x)))
+  pos_y = jnp.broadcast_to(enc_y[:, None, :], (height, width, num_pos_feats))
+  pos_x = jnp.broadcast_to(enc_x[None, :, :], (height, width, num_pos_feats))
   return jnp.concatenate([pos_y, pos_x], axis=-1)
 
 
@@ -99,12 +103,31 @@ def _linear_resize_matrix(out_size: int, in_size: int) -> np.ndarray:
   return m
 
 
+def _upsample2x(x: Array, axis: int) -> Array:
+  """Exact 2x linear upsampling along ``axis`` (align_corners=False): output
+  2i is 0.25 x[i-1] + 0.75 x[i] and 2i+1 is 0.75 x[i] + 0.25 x[i+1], the
+  neighbours clamped at the ends (the weights of ``_linear_resize_matrix``).
+  Two shifted copies and a multiply-add instead of a dense matrix product."""
+  n = x.shape[axis]
+  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
+  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
+  q, t = jnp.asarray(0.25, x.dtype), jnp.asarray(0.75, x.dtype)
+  even = q * prev + t * x
+  odd = t * x + q * nxt
+  out = jnp.stack([even, odd], axis + 1)
+  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
+
+
 def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   """Bilinear resize of NHWC ``x`` to static ``size`` (align_corners=False,
   no antialiasing), matching PyTorch's ``F.interpolate(mode='bilinear')``."""
   h, w = x.shape[1:3]
   if (h, w) == tuple(size):
     return x
+  if tuple(size) == (2 * h, 2 * w) and h > 1 and w > 1:
+    return _upsample2x(_upsample2x(x, 1), 2)
   mh = jnp.asarray(_linear_resize_matrix(size[0], h), x.dtype)
   mw = jnp.asarray(_linear_resize_matrix(size[1], w), x.dtype)
   x = jnp.einsum("oh,bhwc->bowc", mh, x)
@@ -148,10 +171,7 @@ class Conv2dNorm(nn.Module):
         "kernel", nn.with_logical_partitioning(
             c2_xavier_init, (None, None, "conv_in", "conv_out")),
         (k, k, x.shape[-1], self.features), self.param_dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), 1, self.padding)
     if self.use_norm:
       y = group_norm(self.num_groups, name="norm", dtype=self.dtype,
                      param_dtype=self.param_dtype)(y)
@@ -165,35 +185,67 @@ class Conv2dNorm(nn.Module):
 
 
 class DeformableEncoderLayer(nn.Module):
-  """Post-norm encoder layer: deformable self attention, then a ReLU FFN."""
+  """Post-norm encoder layer: deformable self attention, then a ReLU FFN.
+
+  Only the sampling needs the whole (projected) sequence; the value
+  projection and everything after the sampling (output projection, norms and
+  FFN) are per token, so with ``query_chunk > 0`` they run over chunks of
+  about that many tokens in a loop (see
+  :func:`~semsam_jax.models.layers.map_token_chunks`).  Same results, and on
+  CPU much faster at full resolution (every chunk's intermediates stay in
+  the caches).
+  """
   d_model: int
   d_ffn: int
   n_levels: int
   n_heads: int
   n_points: int
   dropout: float = 0.0
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
+  query_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.self_attn = MSDeformAttn(d_model=self.d_model, n_levels=self.n_levels,
+                                  n_heads=self.n_heads, n_points=self.n_points,
+                                  impl=self.msda_impl, **kw)
+    self.norm1 = layer_norm("norm1", **kw)
+    self.linear1 = dense(self.d_ffn, name="linear1", axes=("embed", "mlp"),
+                         kernel_init=nn.initializers.xavier_uniform(),
+                         bias_init=torch_linear_bias_init(self.d_model), **kw)
+    self.linear2 = dense(self.d_model, name="linear2", axes=("mlp", "embed"),
+                         kernel_init=nn.initializers.xavier_uniform(),
+                         bias_init=torch_linear_bias_init(self.d_ffn), **kw)
+    self.norm2 = layer_norm("norm2", **kw)
+    self.drop = nn.Dropout(self.dropout)
+
+  def _query_side(self, src: Array, query: Array, reference_points: Array, value: Array,
+                  spatial_shapes: tuple[tuple[int, int], ...], deterministic: bool) -> Array:
+    drop = lambda x: self.drop(x, deterministic=deterministic)
+    src2 = self.self_attn.attend(query, reference_points, value, spatial_shapes)
+    src = self.norm1(src + drop(src2))
+    h = drop(nn.relu(self.linear1(src)))
+    return self.norm2(src + drop(self.linear2(h)))
+
   def __call__(self, src: Array, pos: Array, reference_points: Array,
                spatial_shapes: tuple[tuple[int, int], ...],
                padding_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    attn = MSDeformAttn(d_model=self.d_model, n_levels=self.n_levels, n_heads=self.n_heads,
-                        n_points=self.n_points, impl=self.msda_impl, name="self_attn", **kw)
-    src2 = attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
-    src = layer_norm("norm1", **kw)(src + drop(src2))
-    h = dense(self.d_ffn, name="linear1", axes=("embed", "mlp"),
-              kernel_init=nn.initializers.xavier_uniform(),
-              bias_init=torch_linear_bias_init(self.d_model), **kw)(src)
-    h = drop(nn.relu(h))
-    src2 = dense(self.d_model, name="linear2", axes=("mlp", "embed"),
-                 kernel_init=nn.initializers.xavier_uniform(),
-                 bias_init=torch_linear_bias_init(self.d_ffn), **kw)(h)
-    return layer_norm("norm2", **kw)(src + drop(src2))
+    """src/pos (B, S, C), reference_points (B, S, L, 2) -> (B, S, C)."""
+    if padding_mask is None:
+      value = map_token_chunks(self, lambda mdl, s_: mdl.self_attn.project_value(s_),
+                               (src,), self.query_chunk)
+    else:
+      value = map_token_chunks(self, lambda mdl, s_, m_: mdl.self_attn.project_value(s_, m_),
+                               (src, padding_mask), self.query_chunk)
+    query = src + pos
+
+    def query_side(mdl, src_c, query_c, ref_c):
+      return mdl._query_side(src_c, query_c, ref_c, value, spatial_shapes, deterministic)
+
+    return map_token_chunks(self, query_side, (src, query, reference_points),
+                            self.query_chunk, pad_values=(0.0, 0.0, 0.5))
 
 
 class DeformableEncoder(nn.Module):
@@ -205,7 +257,8 @@ class DeformableEncoder(nn.Module):
   n_heads: int
   n_points: int
   dropout: float = 0.0
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
+  query_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -219,8 +272,8 @@ class DeformableEncoder(nn.Module):
     for i in range(self.num_layers):
       out = DeformableEncoderLayer(
           self.d_model, self.d_ffn, self.n_levels, self.n_heads, self.n_points,
-          dropout=self.dropout, msda_impl=self.msda_impl, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"layers_{i}")(
+          dropout=self.dropout, msda_impl=self.msda_impl, query_chunk=self.query_chunk,
+          dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(
               out, pos, ref, spatial_shapes, None, deterministic=deterministic)
     return out
 
@@ -234,7 +287,8 @@ class DeformableTransformerEncoderOnly(nn.Module):
   dropout: float
   n_levels: int
   n_points: int
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
+  query_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -255,8 +309,9 @@ class DeformableTransformerEncoderOnly(nn.Module):
         [(p.reshape(b, -1, p.shape[-1]) + level_embed[l]) for l, p in enumerate(pos_embeds)], 1)
     memory = DeformableEncoder(
         self.num_encoder_layers, self.d_model, self.d_ffn, self.n_levels, self.n_heads,
-        self.n_points, dropout=self.dropout, msda_impl=self.msda_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="encoder")(
+        self.n_points, dropout=self.dropout, msda_impl=self.msda_impl,
+        query_chunk=self.query_chunk, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="encoder")(
             flat, lvl_pos, shapes, deterministic=deterministic)
     outs, start = [], 0
     for h, w in shapes:
@@ -288,7 +343,8 @@ class DeformablePixelDecoder(nn.Module):
   common_stride: int = 4
   feature_order: str = "low2high"
   strides: tuple[tuple[str, int], ...] = tuple(DEFAULT_STRIDES.items())
-  msda_impl: str = "gather"
+  msda_impl: str = "auto"
+  query_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -298,7 +354,7 @@ class DeformablePixelDecoder(nn.Module):
     """Builds the module from ``config.pixel_decoder``.
 
     ``in_channels`` maps backbone feature names to channels; ``strides``
-    defaults to the Swin strides; ``kwargs`` (``msda_impl``, ``dtype``,
+    defaults to the Swin strides; ``kwargs`` (``msda_impl``, ``query_chunk``, ``dtype``,
     ``param_dtype``, ``name``, ...) go to the constructor.
     """
     strides = dict(DEFAULT_STRIDES if strides is None else strides)
@@ -410,7 +466,8 @@ class DeformablePixelDecoder(nn.Module):
     out = DeformableTransformerEncoderOnly(
         d_model=c, n_heads=self.num_heads, num_encoder_layers=self.num_encoder_layers,
         d_ffn=self.dim_feedforward, dropout=self.dropout, n_levels=len(srcs),
-        n_points=self.n_points, msda_impl=self.msda_impl, name="transformer", **kw)(
+        n_points=self.n_points, msda_impl=self.msda_impl, query_chunk=self.query_chunk,
+        name="transformer", **kw)(
             srcs, pos, deterministic=deterministic)
 
     # FPN on the higher-resolution backbone features, coarse to fine.

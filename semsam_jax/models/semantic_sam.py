@@ -51,14 +51,17 @@ class SemanticSAM(nn.Module):
   def setup(self):
     cfg = freeze_config(self.config)
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
-    self.backbone = SwinTransformer.from_config(cfg.backbone, dtype=dtype, param_dtype=pdtype)
+    self.backbone = SwinTransformer.from_config(
+        cfg.backbone, token_chunk=int(cfg.get("backbone_token_chunk", 0)), dtype=dtype,
+        param_dtype=pdtype)
     e = cfg.backbone.embed_dim
     in_channels = {f"res{i + 2}": e * 2 ** i for i in range(4)}
     self.pixel_decoder = DeformablePixelDecoder.from_config(
         cfg.pixel_decoder, in_channels=in_channels, msda_impl=cfg.msda_impl,
-        dtype=dtype, param_dtype=pdtype)
+        query_chunk=int(cfg.get("memory_token_chunk", 0)), dtype=dtype, param_dtype=pdtype)
     self.predictor = GranularityDecoder.from_config(
-        cfg.decoder, msda_impl=cfg.msda_impl, dtype=dtype, param_dtype=pdtype)
+        cfg.decoder, msda_impl=cfg.msda_impl, memory_chunk=int(cfg.get("memory_token_chunk", 0)),
+        dtype=dtype, param_dtype=pdtype)
 
   def embed_image(self, images, deterministic: bool = True,
                   decoder_memory: bool = True) -> dict:

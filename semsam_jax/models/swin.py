@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semsam_jax.models.layers import Dtype, conv, dense, gelu, layer_norm
+from semsam_jax.models.layers import (Dtype, conv, dense, gelu, layer_norm,
+                                      map_token_chunks)
 
 Array = jax.Array
 
@@ -225,8 +226,32 @@ class WindowAttention(nn.Module):
     return nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
 
 
+def padded_token_mask(height: int, width: int, window_size: int,
+                      shift_size: int) -> np.ndarray:
+  """(nW, ws*ws) float32, 1 for real tokens and 0 for the zero padding that
+  brings (height, width) to multiples of the window size, laid out like the
+  (cyclically shifted) windows of a block."""
+  ws = window_size
+  hp, wp = _round_up(height, ws), _round_up(width, ws)
+  real = np.zeros((hp, wp), np.float32)
+  real[:height, :width] = 1.0
+  if shift_size:
+    real = np.roll(real, (-shift_size, -shift_size), axis=(0, 1))
+  return window_partition_np(real, ws)
+
+
 class SwinTransformerBlock(nn.Module):
-  """(Shifted-)window attention + MLP, both pre-norm residual branches."""
+  """(Shifted-)window attention + MLP, both pre-norm residual branches.
+
+  The block works in window layout: the input is padded, cyclically shifted
+  and partitioned once, both residual branches run on window tokens (the MLP
+  and the norms are per token, so the layout does not matter to them) and the
+  result is merged back.  Padded tokens are zeroed after ``norm1`` exactly as
+  the reference pads the normalised map.  With ``token_chunk > 0`` (and no
+  stochastic depth in use) the windows are processed in chunks of about that
+  many tokens in a loop, which keeps every intermediate in the CPU caches;
+  the results do not depend on it.
+  """
   dim: int
   num_heads: int
   window_size: int = 7
@@ -237,46 +262,63 @@ class SwinTransformerBlock(nn.Module):
   drop: float = 0.0
   attn_drop: float = 0.0
   drop_path: float = 0.0
+  token_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    """x: (B, H, W, C) -> (B, H, W, C)."""
+  def setup(self):
     if not 0 <= self.shift_size < self.window_size:
       raise ValueError(f"shift_size {self.shift_size} must be in [0, window_size="
                        f"{self.window_size})")
-    b, height, width, c = x.shape
-    ws, shift = self.window_size, self.shift_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm1 = layer_norm("norm1", **kw)
+    self.attn = WindowAttention(
+        self.dim, self.window_size, self.num_heads, qkv_bias=self.qkv_bias,
+        qk_scale=self.qk_scale, attn_drop=self.attn_drop, proj_drop=self.drop, name="attn",
+        **kw)
+    self.norm2 = layer_norm("norm2", **kw)
+    self.mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, drop=self.drop, name="mlp", **kw)
 
-    shortcut = x
-    y = layer_norm("norm1", **kw)(x)
+  def _windows(self, x: Array, real: Array, mask: Optional[Array],
+               deterministic: bool) -> Array:
+    """Both residual branches on window tokens x (B, w, N, C); ``real`` (1, w, N)
+    zeroes the padding after norm1, ``mask`` (1, w, N, N) or None."""
+    y = self.norm1(x) * real[..., None].astype(self.dtype)
+    y = self.attn(y, None if mask is None else mask[0], deterministic=deterministic)
+    x = x + drop_path(self, y, self.drop_path, deterministic)
+    y = self.mlp(self.norm2(x), deterministic=deterministic)
+    return x + drop_path(self, y, self.drop_path, deterministic)
+
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """x: (B, H, W, C) -> (B, H, W, C)."""
+    _, height, width, _ = x.shape
+    ws, shift = self.window_size, self.shift_size
     hp, wp = _round_up(height, ws), _round_up(width, ws)
+    y = x
     if (hp, wp) != (height, width):
       y = jnp.pad(y, ((0, 0), (0, hp - height), (0, wp - width), (0, 0)))
-
-    mask = None
     if shift > 0:
       y = jnp.roll(y, shift=(-shift, -shift), axis=(1, 2))
-      mask = shifted_window_mask(hp, wp, ws, shift)
-
     windows = window_partition(y, ws)
-    windows = WindowAttention(
-        c, ws, self.num_heads, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
-        attn_drop=self.attn_drop, proj_drop=self.drop, name="attn", **kw)(
-            windows, mask, deterministic=deterministic)
-    y = window_merge(windows, ws, hp, wp)
 
+    real = jnp.asarray(padded_token_mask(height, width, ws, shift))[None]
+    xs = (windows, real)
+    if shift > 0:
+      xs += (jnp.asarray(shifted_window_mask(hp, wp, ws, shift))[None],)
+
+    def body(mdl, w, r, m=None):
+      return mdl._windows(w, r, m, deterministic)
+
+    # Stochastic depth draws one decision per sample for the whole map, so
+    # chunks (each with its own rng) are only used when it is off.
+    use_chunks = deterministic or self.drop_path == 0.0
+    chunk = max(1, self.token_chunk // (ws * ws)) if self.token_chunk > 0 and use_chunks else 0
+    windows = map_token_chunks(self, body, xs, chunk)
+
+    y = window_merge(windows, ws, hp, wp)
     if shift > 0:
       y = jnp.roll(y, shift=(shift, shift), axis=(1, 2))
-    y = y[:, :height, :width, :]
-
-    x = shortcut + drop_path(self, y, self.drop_path, deterministic)
-    y = layer_norm("norm2", **kw)(x)
-    y = Mlp(int(c * self.mlp_ratio), c, drop=self.drop, name="mlp", **kw)(
-        y, deterministic=deterministic)
-    return x + drop_path(self, y, self.drop_path, deterministic)
+    return y[:, :height, :width, :]
 
 
 class PatchMerging(nn.Module):
@@ -314,6 +356,7 @@ class BasicLayer(nn.Module):
   drop_path: Sequence[float] = ()
   downsample: bool = False
   remat: bool = False
+  token_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -332,8 +375,8 @@ class BasicLayer(nn.Module):
           shift_size=0 if j % 2 == 0 else self.window_size // 2,
           mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
           drop=self.drop, attn_drop=self.attn_drop, drop_path=float(rates[j]),
-          dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{j}")(
-              x, deterministic)
+          token_chunk=self.token_chunk, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"blocks_{j}")(x, deterministic)
     if not self.downsample:
       return x, x
     down = PatchMerging(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -388,6 +431,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.0
   out_features: Sequence[str] = FEATURE_NAMES
   remat: bool = False
+  token_chunk: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -476,7 +520,8 @@ class SwinTransformer(nn.Module):
           window_size=self.window_size, mlp_ratio=self.mlp_ratio,
           qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop=self.drop_rate,
           attn_drop=self.attn_drop_rate, drop_path=tuple(rates[start:start + depth]),
-          downsample=i < num_stages - 1, remat=self.remat, name=f"layers_{i}", **kw)(
+          downsample=i < num_stages - 1, remat=self.remat, token_chunk=self.token_chunk,
+          name=f"layers_{i}", **kw)(
               x, deterministic=deterministic)
       start += depth
       # Every stage owns its output norm (the checkpoints hold all of them).
