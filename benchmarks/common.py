@@ -50,6 +50,30 @@ def time_fn(fn: Callable, *args, warmup: int = 1, runs: int = 5) -> dict:
   return {"median": statistics.median(times), "min": min(times), "runs": runs}
 
 
+def paired_runs(call: Callable[[], Any], runs: int, rate_n: int = 2048,
+                warmup: int = 1) -> dict:
+  """Times ``call()`` (which must block on its results) ``runs`` times, each
+  run between two measurements of the float32 matmul rate.
+
+  On a shared machine whose speed drifts within seconds, a run is compared
+  with the rate measured right around it: ``ratio_i = t_i * rate_i`` (the
+  run's time times the faster of its two rate samples) divided by the FLOPs
+  gives that run's distance to its floor.  Returns the times, the paired
+  rates and their medians.
+  """
+  for _ in range(warmup):
+    call()
+  times, rates = [], []
+  for _ in range(runs):
+    before = matmul_rate(rate_n, runs=3)
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+    rates.append(max(before, matmul_rate(rate_n, runs=3)))
+  return {"times": times, "rates": rates, "median": statistics.median(times),
+          "rate": statistics.median(rates)}
+
+
 def peak_rss_mb() -> float:
   """Peak resident memory of this process so far (MiB)."""
   kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

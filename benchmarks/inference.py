@@ -20,9 +20,12 @@ timed run of the "first click" rows):
   the host post-processing is light).
 
 Columns: median of ``--repeats`` runs after one warm-up, compile time
-(apart), the XLA FLOP count, "floor" = FLOPs / the float32 matrix-product
-rate measured in the same run (2048² x 2048², at the start and at the end;
-the faster of the two), "x floor" = median / floor, and the peak RSS.
+(apart), the XLA FLOP count, the float32 matrix-product rate (2048² x 2048²)
+measured right before and after every timed run (the faster of the two; the
+column shows the median over the runs), "floor" = FLOPs / that rate,
+"x floor" = the median over the runs of (run time / its own floor), and the
+peak RSS.  Pairing every run with the rate measured around it keeps the
+ratio meaningful on a shared machine whose speed drifts within seconds.
 
 FLOPs are those of the *reference formulation*: the same function compiled
 without chunking and with the plain "gather" deformable attention, so that
@@ -48,8 +51,8 @@ from semsam_jax.config import model_config  # noqa: E402
 from semsam_jax.models import deformable_attention as da  # noqa: E402
 from semsam_jax.models import semantic_sam as ss  # noqa: E402
 
-HEADERS = ["model", "what", "median s", "compile s", "XLA GFLOP", "floor s", "x floor",
-           "peak RSS MiB"]
+HEADERS = ["model", "what", "median s", "compile s", "XLA GFLOP", "matmul GFLOP/s", "floor s",
+           "x floor", "peak RSS MiB"]
 
 
 def tiny_config():
@@ -83,13 +86,14 @@ def _clicks(n: int, seed: int):
   return jnp.asarray(pts, jnp.float32), jnp.zeros((1, n), jnp.int32)
 
 
-def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, rate: float,
-          small: bool, amg: bool, rows: list) -> None:
+def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, small: bool,
+          amg: bool, rows: list) -> None:
   cfg = tiny_config() if small else model_config(backbone)
   cfg.msda_impl = impl
   cfg.dtype = dtype
   params = ss.init_params(cfg, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
+  rate_n = 512 if small else 2048
   x = jnp.asarray(rng.standard_normal((1, size, size, 3)), jnp.float32)
   label = (f"{'tiny' if small else backbone} {size}² {impl}->{da.resolve_impl(impl)} {dtype}")
 
@@ -99,15 +103,16 @@ def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, rate: f
   def ref_flops(fn, *args):
     return common.flops_of(fn.lower(*args).compile())
 
-  def add(name, median, compile_s, flops):
-    floor = flops / rate if flops else None
-    rows.append([label, name, median, compile_s, flops and flops / 1e9, floor,
-                 floor and median / floor, common.peak_rss_mb()])
+  def add(name, call, compile_s, flops, runs=repeats, warmup=1):
+    r = common.paired_runs(call, runs, rate_n, warmup=warmup)
+    ratios = [t * rate / flops for t, rate in zip(r["times"], r["rates"])] if flops else None
+    rows.append([label, name, r["median"], compile_s, flops and flops / 1e9, r["rate"] / 1e9,
+                 flops and flops / r["rate"], ratios and float(np.median(ratios)),
+                 common.peak_rss_mb()])
 
   c_embed, cs, _ = common.time_compile(embed, params, x)
   fl_embed = ref_flops(ref_embed, params, x)
-  t_embed = common.time_fn(c_embed, params, x, runs=repeats)["median"]
-  add("image embedding", t_embed, cs, fl_embed)
+  add("image embedding", lambda: common.block(c_embed(params, x)), cs, fl_embed)
   emb = c_embed(params, x)
 
   dec = {}
@@ -115,22 +120,17 @@ def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, rate: f
     boxes, pb = _clicks(n, n)
     c_dec, cs, _ = common.time_compile(decode, params, emb, boxes, pb)
     fl = ref_flops(ref_decode, params, emb, boxes, pb)
-    t = common.time_fn(c_dec, params, emb, boxes, pb, runs=repeats)["median"]
-    add(f"decoder, {n} click(s), cached embedding", t, cs, fl)
+    add(f"decoder, {n} click(s), cached embedding",
+        lambda c=c_dec, b=boxes, p=pb: common.block(c(params, emb, b, p)), cs, fl)
     dec[n] = (c_dec, fl)
 
   c_dec1, fl1 = dec[1]
   fl_first = (fl_embed or 0) + (fl1 or 0) or None
   boxes, pb = _clicks(1, 7)
-  images = [jnp.asarray(rng.standard_normal((1, size, size, 3)), jnp.float32)
-            for _ in range(repeats + 1)]
-  times = []
-  for i, img in enumerate(images):
-    t0 = time.perf_counter()
-    common.block(c_dec1(params, c_embed(params, img), boxes, pb))
-    if i:  # the first one is the warm-up
-      times.append(time.perf_counter() - t0)
-  add("first click, model (embedding + 1-click decoder)", float(np.median(times)), None,
+  images = iter([jnp.asarray(rng.standard_normal((1, size, size, 3)), jnp.float32)
+                 for _ in range(repeats + 1)])
+  add("first click, model (embedding + 1-click decoder, new image)",
+      lambda: common.block(c_dec1(params, c_embed(params, next(images)), boxes, pb)), None,
       fl_first)
 
   from semsam_jax.inference import SemanticSAMPredictor
@@ -141,19 +141,16 @@ def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, rate: f
   predictor.set_image(u8[0])
   predictor.predict(points=click)
   predictor_compile = time.perf_counter() - t0
-  times, further = [], []
-  for img in u8[1:]:
-    t0 = time.perf_counter()
-    predictor.set_image(img)
+  new_images = iter(u8[1:])
+
+  def first_click():
+    predictor.set_image(next(new_images))
     predictor.predict(points=click)
-    times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    predictor.predict(points=[[size * 0.3, size * 0.6]])
-    further.append(time.perf_counter() - t0)
-  add("first click, SemanticSAMPredictor (set_image + predict, host incl.)",
-      float(np.median(times)), predictor_compile, fl_first)
-  add("further click on the same image, SemanticSAMPredictor", float(np.median(further)), None,
-      fl1)
+
+  add("first click, SemanticSAMPredictor (set_image + predict, host incl.)", first_click,
+      predictor_compile, fl_first, warmup=0)
+  add("further click on the same image, SemanticSAMPredictor",
+      lambda: predictor.predict(points=[[size * 0.3, size * 0.6]]), None, fl1)
 
   if amg:
     from semsam_jax.inference import SemanticSAMAutomaticMaskGenerator
@@ -163,17 +160,14 @@ def bench(backbone: str, size: int, impl: str, dtype: str, repeats: int, rate: f
     t0 = time.perf_counter()
     gen.generate(u8[0])
     amg_compile = time.perf_counter() - t0
-    times, counts = [], []
-    for img in u8[1:]:
-      t0 = time.perf_counter()
-      counts.append(len(gen.generate(img)))
-      times.append(time.perf_counter() - t0)
     batches = -(-pps * pps // 200)
-    fl_dec200 = dec[200][1]
-    fl_amg = ((fl_embed or 0) + batches * (fl_dec200 or 0)) or None
-    add(f"automatic masks, {pps}x{pps} clicks, {batches} batches of 200 "
-        f"(median {int(np.median(counts))} masks kept)", float(np.median(times)),
-        amg_compile, fl_amg)
+    fl_amg = ((fl_embed or 0) + batches * (dec[200][1] or 0)) or None
+    counts = []
+    amg_images = iter(u8[1:])
+    add(f"automatic masks, {pps}x{pps} clicks, {batches} batches of 200",
+        lambda: counts.append(len(gen.generate(next(amg_images)))), amg_compile, fl_amg,
+        warmup=0)
+    rows[-1][1] += f" ({int(np.median(counts))} masks kept)"
 
 
 def main():
@@ -191,25 +185,12 @@ def main():
   args = ap.parse_args()
   size = 64 if args.small else args.size
   print(common.machine_line())
-  n = 512 if args.small else 2048
-  rate = common.matmul_rate(n)
   rows: list = []
   backbones = ("swin_t", "swin_l") if args.backbone == "both" else (args.backbone,)
   dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
   for bb in backbones:
     for dt in dtypes:
-      bench(bb, size, args.msda_impl, dt, args.repeats, rate, args.small, args.amg, rows)
-  # The machine's speed can drift during a long run: the rate is measured
-  # again at the end and every floor uses the faster of the two (the floor
-  # is then never overstated).
-  rate_end = common.matmul_rate(n)
-  best = max(rate, rate_end)
-  print(f"float32 matmul rate ({n}² x {n}², jit): {rate / 1e9:.1f} GFLOP/s at the start, "
-        f"{rate_end / 1e9:.1f} at the end; floors use {best / 1e9:.1f}")
-  for r in rows:
-    if r[4] is not None:
-      r[5] = r[4] * 1e9 / best
-      r[6] = r[2] / r[5]
+      bench(bb, size, args.msda_impl, dt, args.repeats, args.small, args.amg, rows)
   common.print_table(HEADERS, rows)
 
 

@@ -17,3 +17,16 @@ def test_benchmark_script_runs(script):
   lines = [l for l in r.stdout.splitlines() if l.startswith("|")]
   assert len(lines) >= 4, r.stdout          # header, rule and rows
   assert "median s" in lines[0]
+
+
+def test_bf16_accuracy_script_runs():
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bf16_accuracy.py"),
+                      "--skip-full", "--max-cases", "1"], capture_output=True, text=True,
+                     timeout=600, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [l for l in r.stdout.splitlines() if l.startswith("| tiny")]
+  assert [row.split("|")[2].strip() for row in rows] == ["float32", "bfloat16"], r.stdout
+  # float32 reproduces PyTorch; bfloat16 drifts (a sanity check of the script,
+  # with the parity limit of the golden tests).
+  f32_err = float(rows[0].split("|")[3])
+  assert f32_err <= 1e-5

@@ -167,14 +167,16 @@ def _random_params(params, seed):
       treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("ref_dim", [2, 4])
-def test_module_locations_and_halves(ref_dim):
-  """The module computes locations as the reference does; project_value +
-  attend equals __call__; padded positions read zero values."""
+def test_module_locations_and_halves(ref_dim, impl):
+  """The module computes locations as the reference does (with "cpu_native"
+  inside the kernel); project_value + attend equals __call__; padded
+  positions read zero values."""
   shapes = ((4, 5), (2, 3))
   c, m, l, p, lq = 16, 4, 2, 3, 6
   s = sum(h * w for h, w in shapes)
-  mod = da.MSDeformAttn(d_model=c, n_levels=l, n_heads=m, n_points=p)
+  mod = da.MSDeformAttn(d_model=c, n_levels=l, n_heads=m, n_points=p, impl=impl)
   params = _random_params(_init_module(mod, lq, shapes, ref_dim), 3)
   rng = np.random.default_rng(2)
   q = rng.normal(size=(2, lq, c)).astype(np.float32)
@@ -207,6 +209,33 @@ def test_module_locations_and_halves(ref_dim):
   assert golden.rel_l2(out, expected) <= TOL
   assert golden.rel_l2(out2, out) <= 1e-7
   np.testing.assert_array_equal(np.asarray(value)[pad], 0.0)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_module_gradients_agree_across_impls(ref_dim):
+  """Gradients of a loss through the whole module (parameters, queries,
+  reference points, memory) are the same with every implementation; for
+  "cpu_native" the forward forms locations and softmax inside the kernel."""
+  shapes = ((5, 6), (3, 2))
+  c, m, l, p, lq = 16, 4, 2, 3, 7
+  s = sum(h * w for h, w in shapes)
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(2, lq, c)), jnp.float32)
+  mem = jnp.asarray(rng.normal(size=(2, s, c)), jnp.float32)
+  ref = jnp.asarray(rng.uniform(0.05, 0.95, size=(2, lq, l, ref_dim)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(2, lq, c)), jnp.float32)
+  base = da.MSDeformAttn(d_model=c, n_levels=l, n_heads=m, n_points=p, impl="gather")
+  params = _random_params(_init_module(base, lq, shapes, ref_dim), 7)
+  results = {}
+  with jax.default_matmul_precision("highest"):
+    for impl in IMPLS:
+      mod = da.MSDeformAttn(d_model=c, n_levels=l, n_heads=m, n_points=p, impl=impl)
+      loss = lambda prm, q, r, mm: jnp.sum(mod.apply({"params": prm}, q, r, mm, shapes) * cot)
+      results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(params, q, ref, mem)
+  want = jax.tree.leaves(results["gather"])
+  for impl in IMPLS:
+    for got, exp in zip(jax.tree.leaves(results[impl]), want):
+      assert golden.rel_l2(got, exp) <= 1e-5, impl
 
 
 def test_jit_with_static_shapes():

@@ -12,7 +12,11 @@
 // Attribute `shapes`: int64 [H0, W0, H1, W1, ...] of the L levels.
 //
 // Forward: every (b, q, m) accumulates its L * P * 4 weighted corner rows of
-// D channels in registers; work is split over queries.  Backward: for every
+// D channels in registers; work is split over queries.  A second forward
+// (SemsamMsdaQueryForward) takes the module's raw inputs instead -- reference
+// points, sampling offsets and attention logits -- and forms the locations
+// and the softmax itself, which saves XLA:CPU several passes over the
+// (Q, M, L, P) tensors.  Backward: for every
 // (b, m) the pass over all queries accumulates the value gradient of that
 // head (rows of different heads are disjoint, so threads never write the same
 // row) and writes the location / attention-weight gradients of its samples.
@@ -94,6 +98,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
 // bottom-left, bottom-right) or -1 when that corner lies outside the map.
 struct Corners {
   int64_t row[4];
+  int64_t safe[4];  // row[c], or a valid row of the level for outside corners
   float w[4];   // bilinear weights (zero for outside corners)
   float fx, fy;
   bool any;     // false: the sample lies entirely outside the map
@@ -126,6 +131,7 @@ inline Corners Locate(float lx, float ly, const Level& lv) {
   c.w[1] = c.row[1] >= 0 ? gy * c.fx : 0.0f;
   c.w[2] = c.row[2] >= 0 ? c.fy * gx : 0.0f;
   c.w[3] = c.row[3] >= 0 ? c.fy * c.fx : 0.0f;
+  for (int j = 0; j < 4; ++j) c.safe[j] = c.row[j] >= 0 ? c.row[j] : lv.start;
   return c;
 }
 
@@ -161,6 +167,16 @@ struct Channels {
     const F16 av = F16{} + a;
     for (int n = 0; n < N; ++n) acc[n] += av * Load16(v + 16 * n);
   }
+  // acc += (a0 v0 + a1 v1) + (a2 v2 + a3 v3): one bilinear sample, summed as
+  // a tree so that successive samples form a short dependency chain.
+  void Axpy4(const float* const* v, const float* a, int64_t) {
+    const F16 a0 = F16{} + a[0], a1 = F16{} + a[1], a2 = F16{} + a[2], a3 = F16{} + a[3];
+    for (int n = 0; n < N; ++n) {
+      const int o = 16 * n;
+      acc[n] += (a0 * Load16(v[0] + o) + a1 * Load16(v[1] + o)) +
+                (a2 * Load16(v[2] + o) + a3 * Load16(v[3] + o));
+    }
+  }
   void Store(float* out, int64_t) const {
     for (int n = 0; n < N; ++n) Store16(out + 16 * n, acc[n]);
   }
@@ -172,6 +188,11 @@ struct Channels<0> {
   void Zero(int64_t d) { acc.assign(d, 0.0f); }
   void Axpy(const float* v, float a, int64_t d) {
     for (int64_t i = 0; i < d; ++i) acc[i] += a * v[i];
+  }
+  void Axpy4(const float* const* v, const float* a, int64_t d) {
+    for (int64_t i = 0; i < d; ++i) {
+      acc[i] += (a[0] * v[0][i] + a[1] * v[1][i]) + (a[2] * v[2][i] + a[3] * v[3][i]);
+    }
   }
   void Store(float* out, int64_t d) const { std::memcpy(out, acc.data(), sizeof(float) * d); }
 };
@@ -226,32 +247,103 @@ ffi::Error CheckDims(const Dims& k, ffi::Span<const int64_t> shapes, std::vector
 
 // ------------------------------------------------------------------ forward
 
+// Accumulates the samples of one (query, head): `loc` holds L * P (x, y) pairs
+// and `att` their L * P attention weights; `vm` points at head m of position 0.
+template <int kD>
+inline void SampleQueryHead(Channels<kD>& acc, const Dims& k, const std::vector<Level>& lv,
+                            const float* vm, const float* loc, const float* att) {
+  const int64_t row_stride = k.m * k.d;
+  acc.Zero(k.d);
+  for (int64_t l = 0; l < k.l; ++l) {
+    const Level& lev = lv[l];
+    const int w = static_cast<int>(lev.w), h = static_cast<int>(lev.h);
+    const float wf = static_cast<float>(w), hf = static_cast<float>(h);
+    const float* base = vm + lev.start * row_stride;
+    for (int64_t p = 0; p < k.p; ++p) {
+      const int64_t i = l * k.p + p;
+      // Same arithmetic as Locate(), in registers and without branches on
+      // the corners: outside corners get weight 0 and a clamped (valid) row.
+      const float x = loc[2 * i] * wf - 0.5f;
+      const float y = loc[2 * i + 1] * hf - 0.5f;
+      if (!((x >= -1.0f) && (x < wf) && (y >= -1.0f) && (y < hf))) continue;
+      const float x0f = std::floor(x), y0f = std::floor(y);
+      const float fx = x - x0f, fy = y - y0f;
+      const int x0 = static_cast<int>(x0f), y0 = static_cast<int>(y0f);
+      const float gx = 1.0f - fx, gy = 1.0f - fy;
+      const bool xin0 = x0 >= 0, xin1 = x0 + 1 < w, yin0 = y0 >= 0, yin1 = y0 + 1 < h;
+      const int cx0 = xin0 ? x0 : 0, cx1 = xin1 ? x0 + 1 : w - 1;
+      const int cy0 = yin0 ? y0 : 0, cy1 = yin1 ? y0 + 1 : h - 1;
+      const float a = att[i];
+      const float wts[4] = {(yin0 && xin0) ? gy * gx * a : 0.0f, (yin0 && xin1) ? gy * fx * a : 0.0f,
+                            (yin1 && xin0) ? fy * gx * a : 0.0f, (yin1 && xin1) ? fy * fx * a : 0.0f};
+      const float* rows[4] = {base + (static_cast<int64_t>(cy0) * w + cx0) * row_stride,
+                              base + (static_cast<int64_t>(cy0) * w + cx1) * row_stride,
+                              base + (static_cast<int64_t>(cy1) * w + cx0) * row_stride,
+                              base + (static_cast<int64_t>(cy1) * w + cx1) * row_stride};
+      acc.Axpy4(rows, wts, k.d);
+    }
+  }
+}
+
 template <int kD>
 void Forward(const Dims& k, const std::vector<Level>& lv, const float* value,
              const float* loc, const float* aw, float* out, int64_t lo, int64_t hi) {
   // [lo, hi) ranges over b * Q + q.
   const int64_t lp = k.l * k.p;
-  const int64_t row_stride = k.m * k.d;
   Channels<kD> acc;
   for (int64_t bq = lo; bq < hi; ++bq) {
-    const int64_t b = bq / k.q;
-    const float* vb = value + b * k.s * row_stride;
+    const float* vb = value + (bq / k.q) * k.s * k.m * k.d;
     for (int64_t m = 0; m < k.m; ++m) {
       const int64_t qm = bq * k.m + m;
-      acc.Zero(k.d);
-      const float* vm = vb + m * k.d;
+      SampleQueryHead<kD>(acc, k, lv, vb + m * k.d, loc + qm * lp * 2, aw + qm * lp);
+      acc.Store(out + qm * k.d, k.d);
+    }
+  }
+}
+
+// The module-level forward: attention weights are the softmax of `logits`
+// over the L * P samples of a head, and locations are made from reference
+// points (B, Q, L, R) and raw offsets (B, Q, M, L, P, 2) as
+// MSDeformAttn.attend does: R = 2 (points): ref + offset / (W_l, H_l);
+// R = 4 (boxes cx, cy, w, h): ref_xy + offset / P * ref_wh * 0.5.
+template <int kD>
+void ForwardFromQueries(const Dims& k, const std::vector<Level>& lv, const float* value,
+                        const float* ref, int64_t ref_dim, const float* offsets,
+                        const float* logits, float* out, int64_t lo, int64_t hi) {
+  const int64_t lp = k.l * k.p;
+  Channels<kD> acc;
+  std::vector<float> loc(2 * lp), att(lp);
+  const float inv_p = 1.0f / static_cast<float>(k.p);
+  for (int64_t bq = lo; bq < hi; ++bq) {
+    const float* vb = value + (bq / k.q) * k.s * k.m * k.d;
+    const float* rq = ref + bq * k.l * ref_dim;
+    for (int64_t m = 0; m < k.m; ++m) {
+      const int64_t qm = bq * k.m + m;
+      const float* lg = logits + qm * lp;
+      float mx = lg[0];
+      for (int64_t i = 1; i < lp; ++i) mx = std::max(mx, lg[i]);
+      float sum = 0.0f;
+      for (int64_t i = 0; i < lp; ++i) {
+        att[i] = std::exp(lg[i] - mx);
+        sum += att[i];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < lp; ++i) att[i] = att[i] * inv;
+      const float* off = offsets + qm * lp * 2;
       for (int64_t l = 0; l < k.l; ++l) {
+        const float* r = rq + l * ref_dim;
         for (int64_t p = 0; p < k.p; ++p) {
-          const int64_t i = qm * lp + l * k.p + p;
-          const Corners c = Locate(loc[2 * i], loc[2 * i + 1], lv[l]);
-          if (!c.any) continue;
-          const float att = aw[i];
-          for (int j = 0; j < 4; ++j) {
-            if (c.row[j] < 0) continue;
-            acc.Axpy(vm + c.row[j] * row_stride, c.w[j] * att, k.d);
+          const int64_t i = l * k.p + p;
+          if (ref_dim == 2) {
+            loc[2 * i] = r[0] + off[2 * i] / static_cast<float>(lv[l].w);
+            loc[2 * i + 1] = r[1] + off[2 * i + 1] / static_cast<float>(lv[l].h);
+          } else {
+            loc[2 * i] = r[0] + off[2 * i] * inv_p * r[2] * 0.5f;
+            loc[2 * i + 1] = r[1] + off[2 * i + 1] * inv_p * r[3] * 0.5f;
           }
         }
       }
+      SampleQueryHead<kD>(acc, k, lv, vb + m * k.d, loc.data(), att.data());
       acc.Store(out + qm * k.d, k.d);
     }
   }
@@ -390,11 +482,62 @@ ffi::Error MsdaBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value,
   return ffi::Error::Success();
 }
 
+ffi::Error MsdaQueryForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value,
+                                ffi::Buffer<ffi::F32> ref, ffi::Buffer<ffi::F32> offsets,
+                                ffi::Buffer<ffi::F32> logits, ffi::Span<const int64_t> shapes,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  auto vd = value.dimensions();
+  auto rd = ref.dimensions();
+  auto od = offsets.dimensions();
+  auto gd = logits.dimensions();
+  if (vd.size() != 4 || rd.size() != 4 || od.size() != 6 || gd.size() != 4 || od[5] != 2) {
+    return ffi::Error::InvalidArgument("msda: bad operand ranks");
+  }
+  const Dims k{vd[0], vd[1], vd[2], vd[3], od[1], od[3], od[4]};
+  if (od[0] != k.b || od[2] != k.m || rd[0] != k.b || rd[1] != k.q || rd[2] != k.l ||
+      (rd[3] != 2 && rd[3] != 4) || gd[0] != k.b || gd[1] != k.q || gd[2] != k.m ||
+      gd[3] != k.l * k.p) {
+    return ffi::Error::InvalidArgument("msda: operand shapes disagree");
+  }
+  std::vector<Level> lv;
+  if (auto e = CheckDims(k, shapes, &lv); e.failure()) return e;
+  const float* v = value.typed_data();
+  const float* r = ref.typed_data();
+  const float* o = offsets.typed_data();
+  const float* g = logits.typed_data();
+  float* y = out->typed_data();
+  const int64_t rdim = rd[3];
+  auto run = [&](auto tag) {
+    constexpr int kD = decltype(tag)::value;
+    ParallelFor(pool, k.b * k.q, kForwardGrain, [&k, &lv, v, r, rdim, o, g, y](int64_t lo,
+                                                                                int64_t hi) {
+      ForwardFromQueries<kD>(k, lv, v, r, rdim, o, g, y, lo, hi);
+    });
+  };
+  switch (k.d) {
+    case 16: run(std::integral_constant<int, 16>()); break;
+    case 32: run(std::integral_constant<int, 32>()); break;
+    case 64: run(std::integral_constant<int, 64>()); break;
+    default: run(std::integral_constant<int, 0>()); break;
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SemsamMsdaForward, MsdaForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("shapes")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SemsamMsdaQueryForward, MsdaQueryForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -79,3 +79,25 @@ def msda_cpu(value, spatial_shapes, sampling_locations, attention_weights):
   out = _core(value.astype(jnp.float32), shapes, sampling_locations.astype(jnp.float32),
               attention_weights.astype(jnp.float32))
   return out.reshape(b, lq, m * d).astype(value.dtype)
+
+
+QUERY_FWD_TARGET = "semsam_msda_cpu_query_forward"
+
+
+def msda_cpu_query_forward(value, spatial_shapes, reference_points, offsets, logits):
+  """Forward-only kernel call on the module's raw inputs (no gradient rule).
+
+  value (B, S, M, D), reference_points (B, Lq, L, 2 | 4), offsets
+  (B, Lq, M, L, P, 2), logits (B, Lq, M, L * P) -> (B, Lq, M, D) float32:
+  the softmax of the logits and the sampling locations are formed inside the
+  kernel exactly as :meth:`MSDeformAttn.attend` forms them.
+  """
+  native.load()
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  b, _, m, d = value.shape
+  lq = offsets.shape[1]
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return jax.ffi.ffi_call(QUERY_FWD_TARGET, jax.ShapeDtypeStruct((b, lq, m, d), jnp.float32),
+                          vmap_method="sequential")(
+      f32(value), f32(reference_points), f32(offsets), f32(logits),
+      shapes=_shapes_attr(shapes))

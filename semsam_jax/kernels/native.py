@@ -42,11 +42,11 @@ ABI_VERSION = 1
 TARGETS = {
     "semsam_msda_cpu_forward": "SemsamMsdaForward",
     "semsam_msda_cpu_backward": "SemsamMsdaBackward",
+    "semsam_msda_cpu_query_forward": "SemsamMsdaQueryForward",
     "semsam_mask_counts_cpu": "SemsamMaskCounts",
 }
 # Batch-partitionable under SPMD (every operand and result is batch-major).
-BATCH_PARTITIONABLE = ("semsam_msda_cpu_forward", "semsam_msda_cpu_backward",
-                       "semsam_mask_counts_cpu")
+BATCH_PARTITIONABLE = tuple(TARGETS)
 # -ffp-contract=off: no fused multiply-adds, so results round like XLA's
 # formulations of the same arithmetic.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")

@@ -20,6 +20,7 @@ Two layers:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -234,6 +235,67 @@ def ms_deform_attn(value: Array, spatial_shapes: SpatialShapes, sampling_locatio
   return fn(value, shapes, sampling_locations, attention_weights)
 
 
+def sampling_inputs(reference_points: Array, offsets: Array, logits: Array,
+                    spatial_shapes: SpatialShapes) -> tuple[Array, Array]:
+  """Sampling locations and attention weights of :meth:`MSDeformAttn.attend`.
+
+  Args:
+    reference_points: (B, Lq, L, 2) normalised (x, y) points (offsets are in
+      pixels of each level) or (B, Lq, L, 4) (cx, cy, w, h) boxes (offsets are
+      in units of half the box size divided by the number of points).
+    offsets: (B, Lq, M, L, P, 2) raw ``sampling_offsets`` outputs.
+    logits: (B, Lq, M, L * P) raw ``attention_weights`` outputs.
+
+  Returns:
+    locations (B, Lq, M, L, P, 2) and weights (B, Lq, M, L, P), float32; the
+    weights are a softmax over the L * P samples of a head.
+  """
+  shapes = _static_shapes(spatial_shapes)
+  b, lq, m, l, p, _ = offsets.shape
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(b, lq, m, l, p)
+  offsets = offsets.astype(jnp.float32)
+  ref = reference_points.astype(jnp.float32)
+  if ref.shape[-1] == 2:
+    norm = jnp.asarray([[w, h] for h, w in shapes], jnp.float32)   # (L, 2)
+    loc = ref[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
+  else:
+    loc = (ref[:, :, None, :, None, :2]
+           + offsets / p * ref[:, :, None, :, None, 2:] * 0.5)
+  return loc, weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _attend_cpu_native(value, shapes, reference_points, offsets, logits):
+  """Sampling of :meth:`MSDeformAttn.attend` in one native call (CPU).
+
+  The forward pass forms weights and locations inside the kernel; the
+  backward pass differentiates :func:`sampling_inputs` followed by the
+  native core (whose own VJP is a kernel too).  Returns (B, Lq, M, D) float32.
+  """
+  from semsam_jax.kernels import msda_cpu
+  return msda_cpu.msda_cpu_query_forward(value, shapes, reference_points, offsets, logits)
+
+
+def _attend_cpu_native_fwd(value, shapes, reference_points, offsets, logits):
+  return (_attend_cpu_native(value, shapes, reference_points, offsets, logits),
+          (value, reference_points, offsets, logits))
+
+
+def _attend_cpu_native_bwd(shapes, residuals, g):
+  from semsam_jax.kernels import msda_cpu
+
+  def composite(value, reference_points, offsets, logits):
+    loc, weights = sampling_inputs(reference_points, offsets, logits, shapes)
+    out = msda_cpu.msda_cpu(value, shapes, loc, weights)
+    return out.reshape(out.shape[:2] + (value.shape[2], value.shape[3])).astype(jnp.float32)
+
+  _, vjp = jax.vjp(composite, *residuals)
+  return vjp(g)
+
+
+_attend_cpu_native.defvjp(_attend_cpu_native_fwd, _attend_cpu_native_bwd)
+
+
 def sampling_offsets_bias_init(n_heads: int, n_levels: int, n_points: int):
   """Initializer of the ``sampling_offsets`` bias used by the reference.
 
@@ -325,22 +387,18 @@ class MSDeformAttn(nn.Module):
       raise ValueError(f"got {len(shapes)} spatial shapes for n_levels={self.n_levels}")
     b, lq, _ = query.shape
     m, l, p = self.n_heads, self.n_levels, self.n_points
-    offsets = self.sampling_offsets(query).reshape(b, lq, m, l, p, 2)
-    logits = self.attention_weights(query).reshape(b, lq, m, l * p)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(b, lq, m, l, p)
-    offsets = offsets.astype(jnp.float32)
-    ref = reference_points.astype(jnp.float32)
-    if ref.shape[-1] == 2:
-      # Offsets are in pixels of the level: divide by (W, H).
-      norm = jnp.asarray([[w, h] for h, w in shapes], jnp.float32)   # (L, 2)
-      loc = ref[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
-    elif ref.shape[-1] == 4:
-      loc = (ref[:, :, None, :, None, :2]
-             + offsets / p * ref[:, :, None, :, None, 2:] * 0.5)
-    else:
+    if reference_points.shape[-1] not in (2, 4):
       raise ValueError("reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), "
                        f"got shape {reference_points.shape}")
-    out = ms_deform_attn(value, shapes, loc, weights, impl=self.impl)
+    offsets = self.sampling_offsets(query).reshape(b, lq, m, l, p, 2)
+    logits = self.attention_weights(query).reshape(b, lq, m, l * p)
+    impl = resolve_impl(self.impl)
+    if impl == "cpu_native":
+      out = _attend_cpu_native(value, shapes, reference_points, offsets, logits)
+      out = out.reshape(b, lq, m * value.shape[-1]).astype(value.dtype)
+    else:
+      loc, weights = sampling_inputs(reference_points, offsets, logits, shapes)
+      out = ms_deform_attn(value, shapes, loc, weights, impl=impl)
     return self.output_proj(out.astype(self.dtype))
 
   def __call__(self, query: Array, reference_points: Array, input_flatten: Array,
