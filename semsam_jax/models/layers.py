@@ -163,7 +163,7 @@ def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
 
 
 def map_token_chunks(module: nn.Module, fn: Callable, xs: Sequence[Any], chunk: int,
-                     pad_values: Sequence[float] | None = None):
+                     pad_values: Sequence[float] | None = None, inplace: bool = False):
   """Applies ``fn(module, *xs)`` to consecutive chunks of at most ``chunk``
   tokens (axis 1 of every array in ``xs``) in a sequential loop.
 
@@ -180,6 +180,11 @@ def map_token_chunks(module: nn.Module, fn: Callable, xs: Sequence[Any], chunk: 
   ``pad_values[i]`` for ``xs[i]``, zero by default) and cropped from the
   outputs.  ``chunk <= 0`` or ``L <= chunk`` calls ``fn`` once.  Returns
   whatever ``fn`` returns (a pytree of arrays with tokens on axis 1).
+
+  With ``inplace=True`` ``fn`` must return one array shaped like its first
+  argument: each chunk's result then overwrites that chunk of (a copy of)
+  ``xs[0]`` inside the loop carry, which XLA updates in place -- no stacked
+  output buffer to initialise and no copy out of it.
   """
   length = xs[0].shape[1]
   if chunk <= 0 or length <= chunk:
@@ -188,10 +193,35 @@ def map_token_chunks(module: nn.Module, fn: Callable, xs: Sequence[Any], chunk: 
   pad = n * size - length
   pad_values = tuple(pad_values) if pad_values is not None else (0.0,) * len(xs)
 
+  def padded(x, fill):
+    if not pad:
+      return x
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+
+  if inplace:
+    def step(mdl, carry, _):
+      i, buf, others = carry
+      start = i * size
+      x0 = jax.lax.dynamic_slice_in_dim(buf, start, size, axis=1)
+      rest = [jax.lax.dynamic_slice_in_dim(o, start, size, axis=1) for o in others]
+      y = fn(mdl, x0, *rest)
+      if not isinstance(y, jax.Array) or y.shape != x0.shape:
+        raise ValueError("map_token_chunks(inplace=True) needs fn to return one array "
+                         f"shaped like its first argument {x0.shape}, got "
+                         f"{jax.tree.map(jnp.shape, y)}")
+      buf = jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), start, axis=1)
+      return (i + 1, buf, others), None
+
+    scan = nn.scan(step, variable_broadcast="params",
+                   split_rngs={"params": False, "dropout": True}, length=n)
+    init = (jnp.zeros((), jnp.int32), padded(xs[0], pad_values[0]),
+            tuple(padded(x, v) for x, v in zip(xs[1:], pad_values[1:])))
+    (_, out, _), _ = scan(module, init, None)
+    return out[:, :length] if pad else out
+
   def split(x, fill):
-    if pad:
-      widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
-      x = jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+    x = padded(x, fill)
     x = x.reshape((x.shape[0], n, size) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 

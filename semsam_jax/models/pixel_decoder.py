@@ -245,7 +245,7 @@ class DeformableEncoderLayer(nn.Module):
       return mdl._query_side(src_c, query_c, ref_c, value, spatial_shapes, deterministic)
 
     return map_token_chunks(self, query_side, (src, query, reference_points),
-                            self.query_chunk, pad_values=(0.0, 0.0, 0.5))
+                            self.query_chunk, pad_values=(0.0, 0.0, 0.5), inplace=True)
 
 
 class DeformableEncoder(nn.Module):

@@ -313,7 +313,7 @@ class SwinTransformerBlock(nn.Module):
     # chunks (each with its own rng) are only used when it is off.
     use_chunks = deterministic or self.drop_path == 0.0
     chunk = max(1, self.token_chunk // (ws * ws)) if self.token_chunk > 0 and use_chunks else 0
-    windows = map_token_chunks(self, body, xs, chunk)
+    windows = map_token_chunks(self, body, xs, chunk, inplace=True)
 
     y = window_merge(windows, ws, hp, wp)
     if shift > 0:
