@@ -28,9 +28,10 @@ peak RSS.  Pairing every run with the rate measured around it keeps the
 ratio meaningful on a shared machine whose speed drifts within seconds.
 
 FLOPs are those of the *reference formulation*: the same function compiled
-without chunking and with the plain "gather" deformable attention, so that
-the count does not depend on the implementation being timed (XLA counts a
-loop body once, and a native kernel's work not at all).
+without chunking, with the plain "gather" deformable attention and the XLA
+window attention, so that the count does not depend on the implementation
+being timed (XLA counts a loop body once, and a native kernel's work not at
+all).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def reference_config(cfg):
   """``cfg`` computing the same function in the reference formulation."""
   ref = cfg.copy_and_resolve_references()
   ref.msda_impl = "gather"
+  ref.window_attention_impl = "xla"
   ref.memory_token_chunk = 0
   ref.backbone_token_chunk = 0
   return ref

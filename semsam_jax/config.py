@@ -74,6 +74,7 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       dtype="float32",            # compute dtype; "bfloat16" is opt-in
       param_dtype="float32",
       msda_impl="auto",           # deformable attention core: auto|gather|patch|fused|cpu_native
+      window_attention_impl="auto",  # Swin window attention: auto|xla|cpu_native
       # Token chunking (0: all tokens at once).  Per-token work runs in loops
       # over chunks of about this many tokens, which keeps intermediates in
       # the CPU caches; only speed and memory depend on it, not the results.

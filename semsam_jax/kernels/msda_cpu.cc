@@ -242,46 +242,148 @@ ffi::Error CheckDims(const Dims& k, ffi::Span<const int64_t> shapes, std::vector
   if (total != k.s) {
     return ffi::Error::InvalidArgument("msda: spatial shapes do not sum to the value length");
   }
+  if (k.l * k.p > 64) {
+    return ffi::Error::InvalidArgument("msda: at most 64 samples (levels x points) per head");
+  }
+  if (k.s * k.m * k.d >= (int64_t{1} << 31)) {
+    return ffi::Error::InvalidArgument("msda: S * M * D must be below 2^31 per batch item");
+  }
   return ffi::Error::Success();
 }
 
 // ------------------------------------------------------------------ forward
 
-// Accumulates the samples of one (query, head): `loc` holds L * P (x, y) pairs
-// and `att` their L * P attention weights; `vm` points at head m of position 0.
-template <int kD>
-inline void SampleQueryHead(Channels<kD>& acc, const Dims& k, const std::vector<Level>& lv,
-                            const float* vm, const float* loc, const float* att) {
-  const int64_t row_stride = k.m * k.d;
-  acc.Zero(k.d);
-  for (int64_t l = 0; l < k.l; ++l) {
-    const Level& lev = lv[l];
-    const int w = static_cast<int>(lev.w), h = static_cast<int>(lev.h);
-    const float wf = static_cast<float>(w), hf = static_cast<float>(h);
-    const float* base = vm + lev.start * row_stride;
-    for (int64_t p = 0; p < k.p; ++p) {
-      const int64_t i = l * k.p + p;
-      // Same arithmetic as Locate(), in registers and without branches on
-      // the corners: outside corners get weight 0 and a clamped (valid) row.
-      const float x = loc[2 * i] * wf - 0.5f;
-      const float y = loc[2 * i + 1] * hf - 0.5f;
-      if (!((x >= -1.0f) && (x < wf) && (y >= -1.0f) && (y < hf))) continue;
-      const float x0f = std::floor(x), y0f = std::floor(y);
-      const float fx = x - x0f, fy = y - y0f;
-      const int x0 = static_cast<int>(x0f), y0 = static_cast<int>(y0f);
-      const float gx = 1.0f - fx, gy = 1.0f - fy;
-      const bool xin0 = x0 >= 0, xin1 = x0 + 1 < w, yin0 = y0 >= 0, yin1 = y0 + 1 < h;
-      const int cx0 = xin0 ? x0 : 0, cx1 = xin1 ? x0 + 1 : w - 1;
-      const int cy0 = yin0 ? y0 : 0, cy1 = yin1 ? y0 + 1 : h - 1;
-      const float a = att[i];
-      const float wts[4] = {(yin0 && xin0) ? gy * gx * a : 0.0f, (yin0 && xin1) ? gy * fx * a : 0.0f,
-                            (yin1 && xin0) ? fy * gx * a : 0.0f, (yin1 && xin1) ? fy * fx * a : 0.0f};
-      const float* rows[4] = {base + (static_cast<int64_t>(cy0) * w + cx0) * row_stride,
-                              base + (static_cast<int64_t>(cy0) * w + cx1) * row_stride,
-                              base + (static_cast<int64_t>(cy1) * w + cx0) * row_stride,
-                              base + (static_cast<int64_t>(cy1) * w + cx1) * row_stride};
-      acc.Axpy4(rows, wts, k.d);
+// Per-sample level constants, for the L * P samples of a (query, head).
+struct LaneLevels {
+  std::vector<float> wf, hf;
+  std::vector<int32_t> w, h, start;
+  explicit LaneLevels(const Dims& k, const std::vector<Level>& lv) {
+    for (int64_t l = 0; l < k.l; ++l) {
+      for (int64_t p = 0; p < k.p; ++p) {
+        wf.push_back(static_cast<float>(lv[l].w));
+        hf.push_back(static_cast<float>(lv[l].h));
+        w.push_back(static_cast<int32_t>(lv[l].w));
+        h.push_back(static_cast<int32_t>(lv[l].h));
+        start.push_back(static_cast<int32_t>(lv[l].start));
+      }
     }
+  }
+};
+
+// Accumulates the samples of one (query, head): `loc` holds the L * P (x, y)
+// pairs and `att` their attention weights; `vm` points at head m of position
+// 0.  The corner geometry of all samples is computed first, in loops over the
+// samples that the compiler vectorises (the arithmetic of Locate(), with
+// outside corners given weight 0 and a clamped, valid row), then the rows
+// are accumulated.  Row offsets are int32: callers check S * M * D < 2^31.
+template <int kD, int LP>
+inline void SampleQueryHeadLanes(Channels<kD>& acc, const Dims& k, const LaneLevels& ll,
+                                 const float* vm, const float* loc, const float* att) {
+  const int32_t row_stride = static_cast<int32_t>(k.m * k.d);
+  const int n = LP > 0 ? LP : static_cast<int>(k.l * k.p);
+  constexpr int kCap = LP > 0 ? LP : 64;
+  alignas(64) float lx[kCap], ly[kCap], w00[kCap], w01[kCap], w10[kCap], w11[kCap];
+  alignas(64) int32_t r00[kCap], r01[kCap], r10[kCap], r11[kCap];
+  for (int i = 0; i < n; ++i) {
+    lx[i] = loc[2 * i];
+    ly[i] = loc[2 * i + 1];
+  }
+  const float* wf = ll.wf.data();
+  const float* hf = ll.hf.data();
+  const int32_t* wi = ll.w.data();
+  const int32_t* hi = ll.h.data();
+  const int32_t* st = ll.start.data();
+  for (int i = 0; i < n; ++i) {
+    const float x = lx[i] * wf[i] - 0.5f;
+    const float y = ly[i] * hf[i] - 0.5f;
+    const bool any = (x >= -1.0f) & (x < wf[i]) & (y >= -1.0f) & (y < hf[i]);
+    const float xs = any ? x : 0.0f, ys = any ? y : 0.0f;   // keeps the conversions defined
+    const float x0f = std::floor(xs), y0f = std::floor(ys);
+    const float fx = xs - x0f, fy = ys - y0f;
+    const int32_t x0 = static_cast<int32_t>(x0f), y0 = static_cast<int32_t>(y0f);
+    const float gx = 1.0f - fx, gy = 1.0f - fy;
+    const bool xin0 = x0 >= 0, xin1 = x0 + 1 < wi[i], yin0 = y0 >= 0, yin1 = y0 + 1 < hi[i];
+    const int32_t cx0 = xin0 ? x0 : 0, cx1 = xin1 ? x0 + 1 : wi[i] - 1;
+    const int32_t cy0 = yin0 ? y0 : 0, cy1 = yin1 ? y0 + 1 : hi[i] - 1;
+    const float a = any ? att[i] : 0.0f;
+    w00[i] = (yin0 & xin0) ? gy * gx * a : 0.0f;
+    w01[i] = (yin0 & xin1) ? gy * fx * a : 0.0f;
+    w10[i] = (yin1 & xin0) ? fy * gx * a : 0.0f;
+    w11[i] = (yin1 & xin1) ? fy * fx * a : 0.0f;
+    r00[i] = (st[i] + cy0 * wi[i] + cx0) * row_stride;
+    r01[i] = (st[i] + cy0 * wi[i] + cx1) * row_stride;
+    r10[i] = (st[i] + cy1 * wi[i] + cx0) * row_stride;
+    r11[i] = (st[i] + cy1 * wi[i] + cx1) * row_stride;
+  }
+  acc.Zero(k.d);
+  for (int i = 0; i < n; ++i) {
+    const float* rows[4] = {vm + r00[i], vm + r01[i], vm + r10[i], vm + r11[i]};
+    const float wts[4] = {w00[i], w01[i], w10[i], w11[i]};
+    acc.Axpy4(rows, wts, k.d);
+  }
+}
+
+// L * P == 16: the geometry of the 16 samples as one vector each (GCC/Clang
+// vector extensions), same arithmetic as SampleQueryHeadLanes.
+typedef int32_t I16 __attribute__((vector_size(64)));
+
+template <int kD>
+inline void SampleQueryHead16(Channels<kD>& acc, const Dims& k, const LaneLevels& ll,
+                              const float* vm, const float* loc, const float* att) {
+  alignas(64) float lx[16], ly[16], w[4][16];
+  alignas(64) int32_t r[4][16];
+  for (int i = 0; i < 16; ++i) {
+    lx[i] = loc[2 * i];
+    ly[i] = loc[2 * i + 1];
+  }
+  const F16 wf = Load16(ll.wf.data()), hf = Load16(ll.hf.data());
+  I16 wi, hi, st;
+  std::memcpy(&wi, ll.w.data(), sizeof(wi));
+  std::memcpy(&hi, ll.h.data(), sizeof(hi));
+  std::memcpy(&st, ll.start.data(), sizeof(st));
+  const F16 half = F16{} + 0.5f, one = F16{} + 1.0f, zero = F16{};
+  const I16 izero = I16{}, ione = I16{} + 1;
+  const F16 x = Load16(lx) * wf - half;
+  const F16 y = Load16(ly) * hf - half;
+  const I16 any = (x >= -one) & (x < wf) & (y >= -one) & (y < hf);
+  const F16 xs = any ? x : zero, ys = any ? y : zero;
+  I16 x0 = __builtin_convertvector(xs, I16), y0 = __builtin_convertvector(ys, I16);
+  x0 = __builtin_convertvector(x0, F16) > xs ? x0 - ione : x0;   // floor
+  y0 = __builtin_convertvector(y0, F16) > ys ? y0 - ione : y0;
+  const F16 fx = xs - __builtin_convertvector(x0, F16), fy = ys - __builtin_convertvector(y0, F16);
+  const F16 gx = one - fx, gy = one - fy;
+  const I16 xin0 = x0 >= izero, xin1 = x0 + ione < wi, yin0 = y0 >= izero, yin1 = y0 + ione < hi;
+  const I16 cx0 = xin0 ? x0 : izero, cx1 = xin1 ? x0 + ione : wi - ione;
+  const I16 cy0 = yin0 ? y0 : izero, cy1 = yin1 ? y0 + ione : hi - ione;
+  const F16 a = any ? Load16(att) : zero;
+  const F16 w00 = (yin0 & xin0) ? gy * gx * a : zero, w01 = (yin0 & xin1) ? gy * fx * a : zero;
+  const F16 w10 = (yin1 & xin0) ? fy * gx * a : zero, w11 = (yin1 & xin1) ? fy * fx * a : zero;
+  const I16 stride = I16{} + static_cast<int32_t>(k.m * k.d);
+  const I16 r00 = (st + cy0 * wi + cx0) * stride, r01 = (st + cy0 * wi + cx1) * stride;
+  const I16 r10 = (st + cy1 * wi + cx0) * stride, r11 = (st + cy1 * wi + cx1) * stride;
+  Store16(w[0], w00);
+  Store16(w[1], w01);
+  Store16(w[2], w10);
+  Store16(w[3], w11);
+  std::memcpy(r[0], &r00, sizeof(r00));
+  std::memcpy(r[1], &r01, sizeof(r01));
+  std::memcpy(r[2], &r10, sizeof(r10));
+  std::memcpy(r[3], &r11, sizeof(r11));
+  acc.Zero(k.d);
+  for (int i = 0; i < 16; ++i) {
+    const float* rows[4] = {vm + r[0][i], vm + r[1][i], vm + r[2][i], vm + r[3][i]};
+    const float wts[4] = {w[0][i], w[1][i], w[2][i], w[3][i]};
+    acc.Axpy4(rows, wts, k.d);
+  }
+}
+
+template <int kD>
+inline void SampleQueryHead(Channels<kD>& acc, const Dims& k, const LaneLevels& ll,
+                            const float* vm, const float* loc, const float* att) {
+  if (k.l * k.p == 16) {
+    SampleQueryHead16<kD>(acc, k, ll, vm, loc, att);
+  } else {
+    SampleQueryHeadLanes<kD, 0>(acc, k, ll, vm, loc, att);
   }
 }
 
@@ -290,12 +392,13 @@ void Forward(const Dims& k, const std::vector<Level>& lv, const float* value,
              const float* loc, const float* aw, float* out, int64_t lo, int64_t hi) {
   // [lo, hi) ranges over b * Q + q.
   const int64_t lp = k.l * k.p;
+  const LaneLevels ll(k, lv);
   Channels<kD> acc;
   for (int64_t bq = lo; bq < hi; ++bq) {
     const float* vb = value + (bq / k.q) * k.s * k.m * k.d;
     for (int64_t m = 0; m < k.m; ++m) {
       const int64_t qm = bq * k.m + m;
-      SampleQueryHead<kD>(acc, k, lv, vb + m * k.d, loc + qm * lp * 2, aw + qm * lp);
+      SampleQueryHead<kD>(acc, k, ll, vb + m * k.d, loc + qm * lp * 2, aw + qm * lp);
       acc.Store(out + qm * k.d, k.d);
     }
   }
@@ -311,6 +414,7 @@ void ForwardFromQueries(const Dims& k, const std::vector<Level>& lv, const float
                         const float* ref, int64_t ref_dim, const float* offsets,
                         const float* logits, float* out, int64_t lo, int64_t hi) {
   const int64_t lp = k.l * k.p;
+  const LaneLevels ll(k, lv);
   Channels<kD> acc;
   std::vector<float> loc(2 * lp), att(lp);
   const float inv_p = 1.0f / static_cast<float>(k.p);
@@ -343,7 +447,7 @@ void ForwardFromQueries(const Dims& k, const std::vector<Level>& lv, const float
           }
         }
       }
-      SampleQueryHead<kD>(acc, k, lv, vb + m * k.d, loc.data(), att.data());
+      SampleQueryHead<kD>(acc, k, ll, vb + m * k.d, loc.data(), att.data());
       acc.Store(out + qm * k.d, k.d);
     }
   }

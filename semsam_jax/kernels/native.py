@@ -2,7 +2,8 @@
 
 The C++ sources next to this file (``msda_cpu.cc``: multi-scale deformable
 attention forward and backward; ``mask_stats_cpu.cc``: threshold counts of
-upsampled mask logits) are XLA typed-FFI custom calls.  On first use they are
+upsampled mask logits; ``window_attention_cpu.cc``: Swin window attention)
+are XLA typed-FFI custom calls.  On first use they are
 compiled into one shared library with the system C++ compiler (``$CXX``, else
 ``c++`` / ``g++`` / ``clang++``) against the FFI headers shipped with jaxlib,
 for the machine it runs on (``-march=native``), into
@@ -36,7 +37,7 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc")
+SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc", HERE / "window_attention_cpu.cc")
 ABI_VERSION = 1
 # name -> exported handler symbol
 TARGETS = {
@@ -44,6 +45,7 @@ TARGETS = {
     "semsam_msda_cpu_backward": "SemsamMsdaBackward",
     "semsam_msda_cpu_query_forward": "SemsamMsdaQueryForward",
     "semsam_mask_counts_cpu": "SemsamMaskCounts",
+    "semsam_window_attention_cpu": "SemsamWindowAttention",
 }
 # Batch-partitionable under SPMD (every operand and result is batch-major).
 BATCH_PARTITIONABLE = tuple(TARGETS)

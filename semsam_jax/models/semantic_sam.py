@@ -52,7 +52,8 @@ class SemanticSAM(nn.Module):
     cfg = freeze_config(self.config)
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     self.backbone = SwinTransformer.from_config(
-        cfg.backbone, token_chunk=int(cfg.get("backbone_token_chunk", 0)), dtype=dtype,
+        cfg.backbone, token_chunk=int(cfg.get("backbone_token_chunk", 0)),
+        attention_impl=str(cfg.get("window_attention_impl", "auto")), dtype=dtype,
         param_dtype=pdtype)
     e = cfg.backbone.embed_dim
     in_channels = {f"res{i + 2}": e * 2 ** i for i in range(4)}

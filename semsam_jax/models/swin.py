@@ -187,8 +187,23 @@ class WindowAttention(nn.Module):
   qk_scale: Optional[float] = None
   attn_drop: float = 0.0
   proj_drop: float = 0.0
+  # "auto": the native CPU kernel on CPU (float32, no attention dropout in
+  # use) when it builds here, else "xla"; or "xla" / "cpu_native".
+  impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def _use_native(self, deterministic: bool) -> bool:
+    if self.impl not in ("auto", "xla", "cpu_native"):
+      raise ValueError(f"unknown window attention implementation {self.impl!r}; "
+                       "valid: 'auto', 'xla', 'cpu_native'")
+    if self.impl == "xla":
+      return False
+    if self.impl == "cpu_native":
+      return True
+    from semsam_jax.kernels import native
+    return (jax.default_backend() == "cpu" and jnp.dtype(self.dtype) == jnp.float32
+            and (deterministic or self.attn_drop == 0.0) and native.available())
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[np.ndarray] = None,
@@ -208,6 +223,14 @@ class WindowAttention(nn.Module):
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_linear_init)
     qkv = dense(3 * c, name="qkv", axes=("embed", "mlp"), use_bias=self.qkv_bias, **kw)(x)
+    if self._use_native(deterministic):
+      from semsam_jax.kernels.window_attention import window_attention
+      index = relative_position_index(ws).reshape(-1)
+      bias = jnp.asarray(table, jnp.float32)[index].reshape(n, n, h).transpose(2, 0, 1)
+      win_mask = None if mask is None else jnp.asarray(mask, jnp.float32).reshape(nw, n, n)
+      out = window_attention(qkv, bias, win_mask, h, scale).astype(self.dtype)
+      out = dense(c, name="proj", axes=("mlp", "embed"), **kw)(out)
+      return nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
     qkv = qkv.reshape(b, nw, n, 3, h, d)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     q = q * jnp.asarray(scale, q.dtype)
@@ -263,6 +286,7 @@ class SwinTransformerBlock(nn.Module):
   attn_drop: float = 0.0
   drop_path: float = 0.0
   token_chunk: int = 0
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -274,8 +298,8 @@ class SwinTransformerBlock(nn.Module):
     self.norm1 = layer_norm("norm1", **kw)
     self.attn = WindowAttention(
         self.dim, self.window_size, self.num_heads, qkv_bias=self.qkv_bias,
-        qk_scale=self.qk_scale, attn_drop=self.attn_drop, proj_drop=self.drop, name="attn",
-        **kw)
+        qk_scale=self.qk_scale, attn_drop=self.attn_drop, proj_drop=self.drop,
+        impl=self.attention_impl, name="attn", **kw)
     self.norm2 = layer_norm("norm2", **kw)
     self.mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, drop=self.drop, name="mlp", **kw)
 
@@ -357,6 +381,7 @@ class BasicLayer(nn.Module):
   downsample: bool = False
   remat: bool = False
   token_chunk: int = 0
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -375,7 +400,8 @@ class BasicLayer(nn.Module):
           shift_size=0 if j % 2 == 0 else self.window_size // 2,
           mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, qk_scale=self.qk_scale,
           drop=self.drop, attn_drop=self.attn_drop, drop_path=float(rates[j]),
-          token_chunk=self.token_chunk, dtype=self.dtype, param_dtype=self.param_dtype,
+          token_chunk=self.token_chunk, attention_impl=self.attention_impl,
+          dtype=self.dtype, param_dtype=self.param_dtype,
           name=f"blocks_{j}")(x, deterministic)
     if not self.downsample:
       return x, x
@@ -432,6 +458,7 @@ class SwinTransformer(nn.Module):
   out_features: Sequence[str] = FEATURE_NAMES
   remat: bool = False
   token_chunk: int = 0
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -521,6 +548,7 @@ class SwinTransformer(nn.Module):
           qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop=self.drop_rate,
           attn_drop=self.attn_drop_rate, drop_path=tuple(rates[start:start + depth]),
           downsample=i < num_stages - 1, remat=self.remat, token_chunk=self.token_chunk,
+          attention_impl=self.attention_impl,
           name=f"layers_{i}", **kw)(
               x, deterministic=deterministic)
       start += depth
