@@ -16,8 +16,8 @@
 // The upsampled mask is never stored: each output row is the vertical blend
 // of two low-resolution rows, then, per column phase, a horizontal blend of
 // neighbours of that line, compared against every threshold (contiguous,
-// vectorisable loops).  Masks are split over XLA's intra-op thread pool (same
-// scheme as msda_cpu.cc).
+// vectorisable loops).  Masks are split over XLA's intra-op thread pool
+// (kernel_common.h).
 
 #include <algorithm>
 #include <atomic>
@@ -26,48 +26,14 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-struct ForState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t num_chunks = 0;
-};
-
-template <typename F>
-void RunChunks(ForState* st, int64_t n, int64_t grain, const F& f) {
-  while (true) {
-    int64_t c = st->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= st->num_chunks) return;
-    int64_t lo = c * grain;
-    f(lo, std::min(n, lo + grain));
-    st->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t num_chunks = (n + grain - 1) / grain;
-  const int64_t threads = pool.num_threads();
-  if (threads <= 1 || num_chunks <= 1) {
-    f(0, n);
-    return;
-  }
-  auto st = std::make_shared<ForState>();
-  st->num_chunks = num_chunks;
-  const int64_t helpers = std::min(threads, num_chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([st, n, grain, f]() { RunChunks(st.get(), n, grain, f); });
-  }
-  RunChunks(st.get(), n, grain, f);
-  while (st->done.load(std::memory_order_acquire) < num_chunks) std::this_thread::yield();
-}
+using semsam_kernels::ParallelFor;
 
 // One output position of an axis: out = wa * x[ia] + wb * x[ib].
 struct Tap {
@@ -160,7 +126,7 @@ ffi::Error MaskCountsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   if (factor < 1) return ffi::Error::InvalidArgument("mask counts: factor must be >= 1");
   const int64_t n = d[0], h = d[1], w = d[2];
   const int64_t k = thresholds.element_count();
-  if (counts->element_count() != n * k) {
+  if (static_cast<int64_t>(counts->element_count()) != n * k) {
     return ffi::Error::InvalidArgument("mask counts: output must be (N, K)");
   }
   const int32_t* hw = image_hw.typed_data();

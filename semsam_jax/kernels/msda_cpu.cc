@@ -21,10 +21,7 @@
 // head (rows of different heads are disjoint, so threads never write the same
 // row) and writes the location / attention-weight gradients of its samples.
 //
-// Work runs on XLA's intra-op thread pool.  The calling thread takes part,
-// chunks are claimed from an atomic counter and the caller only waits for
-// chunks that another thread has already started, so the kernel never waits
-// for a pool thread to become free (no deadlock when the pool is busy).
+// Work runs on XLA's intra-op thread pool (kernel_common.h).
 
 #include <algorithm>
 #include <atomic>
@@ -35,61 +32,18 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace semsam_kernels;  // NOLINT
+
 struct Level {
   int64_t h, w, start;
 };
-
-// ---------------------------------------------------------------- threading
-
-struct ForState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t num_chunks = 0;
-};
-
-template <typename F>
-void RunChunks(ForState* st, int64_t n, int64_t grain, const F& f) {
-  while (true) {
-    int64_t c = st->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= st->num_chunks) return;
-    int64_t lo = c * grain;
-    int64_t hi = std::min(n, lo + grain);
-    f(lo, hi);
-    st->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Calls f(lo, hi) on disjoint ranges covering [0, n).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t num_chunks = (n + grain - 1) / grain;
-  const int64_t threads = pool.num_threads();
-  if (threads <= 1 || num_chunks <= 1) {
-    f(0, n);
-    return;
-  }
-  auto st = std::make_shared<ForState>();
-  st->num_chunks = num_chunks;
-  // Helpers copy `f` (it only holds references to buffers that outlive every
-  // chunk) and the shared state; one that starts after the last chunk was
-  // claimed returns without touching anything else.
-  const int64_t helpers = std::min(threads, num_chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([st, n, grain, f]() { RunChunks(st.get(), n, grain, f); });
-  }
-  RunChunks(st.get(), n, grain, f);
-  while (st->done.load(std::memory_order_acquire) < num_chunks) {
-    std::this_thread::yield();
-  }
-}
 
 // ---------------------------------------------------------------- geometry
 
@@ -136,23 +90,6 @@ inline Corners Locate(float lx, float ly, const Level& lv) {
 }
 
 // --------------------------------------------------------------- inner loops
-
-// 16 floats as one GCC/Clang vector: one AVX-512 register, two AVX2 ones, ...
-typedef float F16 __attribute__((vector_size(64)));
-
-inline F16 Load16(const float* p) {
-  F16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store16(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float Sum16(F16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 // Channel loops for kD = 16 * N channels (N > 0), held in vector registers;
 // kD = 0 is the generic fallback for any channel count.
@@ -204,7 +141,7 @@ struct RowOps {
   static inline float Dot(const float* v, const float* g, int64_t) {
     F16 s = F16{};
     for (int n = 0; n < N; ++n) s += Load16(v + 16 * n) * Load16(g + 16 * n);
-    return Sum16(s);
+    return HSum(s);
   }
   static inline void Axpy(float* out, const float* g, float a, int64_t) {
     const F16 av = F16{} + a;
@@ -325,8 +262,6 @@ inline void SampleQueryHeadLanes(Channels<kD>& acc, const Dims& k, const LaneLev
 
 // L * P == 16: the geometry of the 16 samples as one vector each (GCC/Clang
 // vector extensions), same arithmetic as SampleQueryHeadLanes.
-typedef int32_t I16 __attribute__((vector_size(64)));
-
 template <int kD>
 inline void SampleQueryHead16(Channels<kD>& acc, const Dims& k, const LaneLevels& ll,
                               const float* vm, const float* loc, const float* att) {
@@ -416,7 +351,7 @@ void ForwardFromQueries(const Dims& k, const std::vector<Level>& lv, const float
   const int64_t lp = k.l * k.p;
   const LaneLevels ll(k, lv);
   Channels<kD> acc;
-  std::vector<float> loc(2 * lp), att(lp);
+  std::vector<float> loc(2 * lp), att(std::max<int64_t>(lp, 16));
   const float inv_p = 1.0f / static_cast<float>(k.p);
   for (int64_t bq = lo; bq < hi; ++bq) {
     const float* vb = value + (bq / k.q) * k.s * k.m * k.d;
@@ -424,16 +359,22 @@ void ForwardFromQueries(const Dims& k, const std::vector<Level>& lv, const float
     for (int64_t m = 0; m < k.m; ++m) {
       const int64_t qm = bq * k.m + m;
       const float* lg = logits + qm * lp;
-      float mx = lg[0];
-      for (int64_t i = 1; i < lp; ++i) mx = std::max(mx, lg[i]);
-      float sum = 0.0f;
-      for (int64_t i = 0; i < lp; ++i) {
-        att[i] = std::exp(lg[i] - mx);
-        sum += att[i];
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < lp; ++i) att[i] = att[i] * inv;
       const float* off = offsets + qm * lp * 2;
+      if (lp == 16) {
+        // Softmax over the 16 samples as one vector.
+        const F16 x = Load16(lg);
+        const F16 e = ExpNonPositive(x - Splat(HMax(x)));
+        Store16(att.data(), e / Splat(HSum(e)));
+      } else {
+        float mx = lg[0];
+        for (int64_t i = 1; i < lp; ++i) mx = std::max(mx, lg[i]);
+        float sum = 0.0f;
+        for (int64_t i = 0; i < lp; ++i) {
+          att[i] = std::exp(lg[i] - mx);
+          sum += att[i];
+        }
+        for (int64_t i = 0; i < lp; ++i) att[i] = att[i] / sum;
+      }
       for (int64_t l = 0; l < k.l; ++l) {
         const float* r = rq + l * ref_dim;
         for (int64_t p = 0; p < k.p; ++p) {

@@ -38,6 +38,7 @@ import jax
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc", HERE / "window_attention_cpu.cc")
+HEADERS = (HERE / "kernel_common.h",)
 ABI_VERSION = 1
 # name -> exported handler symbol
 TARGETS = {
@@ -94,7 +95,7 @@ def _cpu_signature() -> str:
 def library_path(cxx: str, sources=SOURCES) -> Path:
   import jaxlib
   h = hashlib.sha256()
-  for src in sources:
+  for src in (*sources, *HEADERS):
     h.update(Path(src).read_bytes())
   h.update(repr((cxx, FLAGS, jaxlib.__version__, _cpu_signature())).encode())
   return cache_dir() / f"semsam_kernels-{h.hexdigest()[:16]}.so"
@@ -105,7 +106,7 @@ def build(cxx: str, target: Path, sources=SOURCES) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", tmp]
+  cmd = [cxx, *FLAGS, f"-I{HERE}", f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", tmp]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

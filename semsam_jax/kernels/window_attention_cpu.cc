@@ -15,7 +15,7 @@
 // Keys are kept transposed (D x N, padded to a multiple of 16) so that a query
 // row's N scores are D broadcast multiply-adds over vectors; exp is a
 // Cephes-style polynomial (about 1 ulp).  Windows are split over XLA's
-// intra-op thread pool (same scheme as msda_cpu.cc).
+// intra-op thread pool (kernel_common.h).
 
 #include <algorithm>
 #include <atomic>
@@ -26,104 +26,14 @@
 #include <thread>
 #include <vector>
 
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-struct ForState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t num_chunks = 0;
-};
-
-template <typename F>
-void RunChunks(ForState* st, int64_t n, int64_t grain, const F& f) {
-  while (true) {
-    int64_t c = st->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= st->num_chunks) return;
-    int64_t lo = c * grain;
-    f(lo, std::min(n, lo + grain));
-    st->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t num_chunks = (n + grain - 1) / grain;
-  const int64_t threads = pool.num_threads();
-  if (threads <= 1 || num_chunks <= 1) {
-    f(0, n);
-    return;
-  }
-  auto st = std::make_shared<ForState>();
-  st->num_chunks = num_chunks;
-  const int64_t helpers = std::min(threads, num_chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([st, n, grain, f]() { RunChunks(st.get(), n, grain, f); });
-  }
-  RunChunks(st.get(), n, grain, f);
-  while (st->done.load(std::memory_order_acquire) < num_chunks) std::this_thread::yield();
-}
-
-typedef float F16 __attribute__((vector_size(64)));
-typedef int32_t I16 __attribute__((vector_size(64)));
-
-inline F16 Splat(float a) { return F16{} + a; }
-
-inline F16 Load16(const float* p) {
-  F16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store16(float* p, F16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline F16 Max16(F16 a, F16 b) { return a > b ? a : b; }
-
-inline float HMax(F16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-inline float HSum(F16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the maximum); inputs below
-// -87.3 give 0.  Range reduction x = n ln2 + r, |r| <= ln2 / 2, then the
-// Cephes expf polynomial and 2^n through the exponent bits.
-inline F16 ExpNonPositive(F16 x) {
-  const F16 lo = Splat(-87.3f);
-  const I16 underflow = x < lo;
-  x = x < lo ? lo : x;
-  const F16 t = x * Splat(1.44269504088896341f) + Splat(0.5f);
-  I16 n = __builtin_convertvector(t, I16);               // truncation toward zero
-  const F16 nf0 = __builtin_convertvector(n, F16);
-  n = nf0 > t ? n - 1 : n;                                 // floor
-  const F16 nf = __builtin_convertvector(n, F16);
-  F16 r = x - nf * Splat(0.693359375f);
-  r = r - nf * Splat(-2.12194440e-4f);
-  const F16 r2 = r * r;
-  F16 p = Splat(1.9875691500e-4f);
-  p = p * r + Splat(1.3981999507e-3f);
-  p = p * r + Splat(8.3334519073e-3f);
-  p = p * r + Splat(4.1665795894e-2f);
-  p = p * r + Splat(1.6666665459e-1f);
-  p = p * r + Splat(5.0000001201e-1f);
-  p = p * r2 + r + Splat(1.0f);
-  const I16 bits = (n + 127) << 23;
-  F16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const F16 y = p * scale;
-  return underflow ? F16{} : y;
-}
+using namespace semsam_kernels;  // NOLINT
 
 struct Shape {
   int64_t b, w, n, c, h, d;

@@ -367,6 +367,20 @@ class MSDeformAttn(nn.Module):
     b, s, _ = value.shape
     return value.reshape(b, s, self.n_heads, self.d_model // self.n_heads)
 
+  def _offsets_and_logits(self, query: Array) -> tuple[Array, Array]:
+    """``sampling_offsets(query)`` and ``attention_weights(query)``, as one
+    matrix product with the two layers' kernels side by side (one pass over
+    the queries instead of two; the parameters stay those of two layers)."""
+    if self.is_initializing():
+      return self.sampling_offsets(query), self.attention_weights(query)
+    p_off = nn.meta.unbox(self.sampling_offsets.variables["params"])
+    p_aw = nn.meta.unbox(self.attention_weights.variables["params"])
+    kernel = jnp.concatenate([p_off["kernel"], p_aw["kernel"]], 1).astype(self.dtype)
+    bias = jnp.concatenate([p_off["bias"], p_aw["bias"]]).astype(self.dtype)
+    y = jnp.dot(query.astype(self.dtype), kernel) + bias
+    n_off = p_off["kernel"].shape[1]
+    return y[..., :n_off], y[..., n_off:]
+
   def attend(self, query: Array, reference_points: Array, value: Array,
              spatial_shapes: SpatialShapes) -> Array:
     """Samples projected ``value`` around ``reference_points``.
@@ -390,8 +404,9 @@ class MSDeformAttn(nn.Module):
     if reference_points.shape[-1] not in (2, 4):
       raise ValueError("reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), "
                        f"got shape {reference_points.shape}")
-    offsets = self.sampling_offsets(query).reshape(b, lq, m, l, p, 2)
-    logits = self.attention_weights(query).reshape(b, lq, m, l * p)
+    offsets, logits = self._offsets_and_logits(query)
+    offsets = offsets.reshape(b, lq, m, l, p, 2)
+    logits = logits.reshape(b, lq, m, l * p)
     impl = resolve_impl(self.impl)
     if impl == "cpu_native":
       out = _attend_cpu_native(value, shapes, reference_points, offsets, logits)

@@ -233,12 +233,15 @@ class DeformableEncoderLayer(nn.Module):
                spatial_shapes: tuple[tuple[int, int], ...],
                padding_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
     """src/pos (B, S, C), reference_points (B, S, L, 2) -> (B, S, C)."""
-    if padding_mask is None:
-      value = map_token_chunks(self, lambda mdl, s_: mdl.self_attn.project_value(s_),
-                               (src,), self.query_chunk)
-    else:
-      value = map_token_chunks(self, lambda mdl, s_, m_: mdl.self_attn.project_value(s_, m_),
-                               (src, padding_mask), self.query_chunk)
+    # The value projection keeps the (B, S, C) shape, so its chunks overwrite
+    # a copy of src in place; the head split is a free reshape afterwards.
+    def project(mdl, s_, *m_):
+      v = mdl.self_attn.project_value(s_, *m_)
+      return v.reshape(s_.shape[:2] + (-1,)).astype(s_.dtype)
+
+    xs = (src,) if padding_mask is None else (src, padding_mask)
+    value = map_token_chunks(self, project, xs, self.query_chunk, inplace=True)
+    value = value.reshape(value.shape[:2] + (self.n_heads, self.d_model // self.n_heads))
     query = src + pos
 
     def query_side(mdl, src_c, query_c, ref_c):
