@@ -79,7 +79,7 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       # over chunks of about this many tokens, which keeps intermediates in
       # the CPU caches; only speed and memory depend on it, not the results.
       # Swin blocks (rounded to whole windows):
-      backbone_token_chunk=4096,
+      backbone_token_chunk=1024,
       # Pixel-decoder encoder layers (value projection, and everything per
       # query after the sampling) and the decoder's per-layer memory projection:
       memory_token_chunk=1024,
