@@ -284,3 +284,19 @@ def test_real_model_crop_layers_run(tiny_predictor):
     assert x <= px <= x + w and y <= py <= y + h
     assert r["segmentation"]["size"] == [60, 90]
     assert pp.decode_rle(r["segmentation"]).sum() == r["area"]
+
+
+def test_real_model_second_image_compiles_nothing(tiny_predictor):
+  """Steady state of the generator: another image of the same padded size (a
+  different number of masks passing the filters, so a different number of
+  transfer chunks) runs without a single new XLA compilation."""
+  from tests.test_predictor import CompileCounter
+  gen = SemanticSAMAutomaticMaskGenerator(
+      tiny_predictor, points_per_side=4, points_per_batch=6, levels=(1, 3, 6),
+      pred_iou_thresh=-1e9, stability_score_thresh=-1.0, progress=False)
+  rng = np.random.default_rng(5)
+  first = gen.generate(rng.integers(0, 255, (64, 80, 3), np.uint8))     # pads to 64 x 96
+  with CompileCounter() as cc:
+    second = gen.generate(rng.integers(0, 255, (50, 70, 3), np.uint8))   # also pads to 64 x 96
+  assert first and second
+  assert cc.count == 0, f"{cc.count} compilation(s) for the second image"
