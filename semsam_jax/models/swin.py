@@ -266,14 +266,14 @@ def padded_token_mask(height: int, width: int, window_size: int,
 class SwinTransformerBlock(nn.Module):
   """(Shifted-)window attention + MLP, both pre-norm residual branches.
 
-  The block works in window layout: the input is padded, cyclically shifted
-  and partitioned once, both residual branches run on window tokens (the MLP
-  and the norms are per token, so the layout does not matter to them) and the
-  result is merged back.  Padded tokens are zeroed after ``norm1`` exactly as
-  the reference pads the normalised map.  With ``token_chunk > 0`` (and no
-  stochastic depth in use) the windows are processed in chunks of about that
-  many tokens in a loop, which keeps every intermediate in the CPU caches;
-  the results do not depend on it.
+  The attention branch works in window layout: the input is padded,
+  cyclically shifted and partitioned, the residual is added on window tokens
+  (padded tokens are zeroed after ``norm1`` exactly as the reference pads the
+  normalised map) and the windows are merged back and cropped.  The MLP branch
+  then runs on the unpadded map only, as in the reference (no work on padding
+  tokens).  With ``token_chunk > 0`` (and no stochastic depth in use) both
+  branches process chunks of about that many tokens in a loop, which keeps
+  every intermediate in the CPU caches; the results do not depend on it.
   """
   dim: int
   num_heads: int
@@ -303,13 +303,16 @@ class SwinTransformerBlock(nn.Module):
     self.norm2 = layer_norm("norm2", **kw)
     self.mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, drop=self.drop, name="mlp", **kw)
 
-  def _windows(self, x: Array, real: Array, mask: Optional[Array],
-               deterministic: bool) -> Array:
-    """Both residual branches on window tokens x (B, w, N, C); ``real`` (1, w, N)
-    zeroes the padding after norm1, ``mask`` (1, w, N, N) or None."""
+  def _attention_branch(self, x: Array, real: Array, mask: Optional[Array],
+                        deterministic: bool) -> Array:
+    """Attention residual branch on window tokens x (B, w, N, C); ``real``
+    (1, w, N) zeroes the padding after norm1, ``mask`` (1, w, N, N) or None."""
     y = self.norm1(x) * real[..., None].astype(self.dtype)
     y = self.attn(y, None if mask is None else mask[0], deterministic=deterministic)
-    x = x + drop_path(self, y, self.drop_path, deterministic)
+    return x + drop_path(self, y, self.drop_path, deterministic)
+
+  def _mlp_branch(self, x: Array, deterministic: bool) -> Array:
+    """MLP residual branch on tokens x (B, L, C)."""
     y = self.mlp(self.norm2(x), deterministic=deterministic)
     return x + drop_path(self, y, self.drop_path, deterministic)
 
@@ -330,19 +333,27 @@ class SwinTransformerBlock(nn.Module):
     if shift > 0:
       xs += (jnp.asarray(shifted_window_mask(hp, wp, ws, shift))[None],)
 
-    def body(mdl, w, r, m=None):
-      return mdl._windows(w, r, m, deterministic)
+    def attention(mdl, w, r, m=None):
+      return mdl._attention_branch(w, r, m, deterministic)
+
+    def mlp(mdl, t):
+      return mdl._mlp_branch(t, deterministic)
 
     # Stochastic depth draws one decision per sample for the whole map, so
     # chunks (each with its own rng) are only used when it is off.
-    use_chunks = deterministic or self.drop_path == 0.0
-    chunk = max(1, self.token_chunk // (ws * ws)) if self.token_chunk > 0 and use_chunks else 0
-    windows = map_token_chunks(self, body, xs, chunk, inplace=True)
+    use_chunks = (deterministic or self.drop_path == 0.0) and self.token_chunk > 0
+    window_chunk = max(1, self.token_chunk // (ws * ws)) if use_chunks else 0
+    windows = map_token_chunks(self, attention, xs, window_chunk, inplace=True)
 
     y = window_merge(windows, ws, hp, wp)
     if shift > 0:
       y = jnp.roll(y, shift=(shift, shift), axis=(1, 2))
-    return y[:, :height, :width, :]
+    y = y[:, :height, :width, :]
+    batch, channels = y.shape[0], y.shape[-1]
+    tokens = y.reshape(batch, height * width, channels)
+    tokens = map_token_chunks(self, mlp, (tokens,), self.token_chunk if use_chunks else 0,
+                              inplace=True)
+    return tokens.reshape(batch, height, width, channels)
 
 
 class PatchMerging(nn.Module):
