@@ -30,3 +30,15 @@ def test_bf16_accuracy_script_runs():
   # with the parity limit of the golden tests).
   f32_err = float(rows[0].split("|")[3])
   assert f32_err <= 1e-5
+
+
+def test_profile_script_runs():
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_ops.py"),
+                      "--small", "--runs", "1"], capture_output=True, text=True, timeout=600,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith("|")]
+  assert "model part / primitive" in lines[0], r.stdout
+  # the profile attributes the time to model parts, matrix products among them
+  assert any("backbone" in l and "dot_general" in l for l in lines), r.stdout
+  assert any(l.startswith("| dot_general ") for l in lines), r.stdout
