@@ -31,6 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from semsam_jax.inference import postprocess as pp
+from semsam_jax.kernels import mask_stats, native
+from semsam_jax.models.layers import linear_upsample, linear_upsample_phases
 from semsam_jax.inference.predictor import (LEVEL_TO_TOKEN, TOKEN_TO_LEVEL, SemanticSAMPredictor,
                                             to_rgb_uint8, user_levels_to_tokens)
 
@@ -83,31 +85,6 @@ def _near_crop_edge(boxes: np.ndarray, crop_box: Sequence[int], image_box: Seque
   return np.any(near_crop & ~near_image, axis=1)
 
 
-def _axis_phases(x, factor: int, axis: int) -> list:
-  """Bilinear (align_corners=False) upsampling of ``x`` by an integer factor
-  along ``axis``, as ``factor`` phase arrays of ``x``'s shape: phase ``r``
-  holds the outputs ``factor * i + r``.  Output ``factor * i + r`` samples
-  ``i + d_r`` with ``d_r = (r + 0.5) / factor - 0.5``: a two-tap blend of
-  ``x[i]`` with its left (``d_r < 0``) or right neighbour, clamped at the
-  ends, which is what ``jax.image.resize(..., "linear")`` and PyTorch's
-  ``F.interpolate(mode="bilinear")`` compute there."""
-  n = x.shape[axis]
-  if n == 1:
-    return [x] * factor
-  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
-  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
-  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
-  out = []
-  for r in range(factor):
-    d = (r + 0.5) / factor - 0.5
-    if d < 0:
-      out.append(jnp.float32(-d) * prev + jnp.float32(1 + d) * x)
-    else:
-      out.append(jnp.float32(1 - d) * x + jnp.float32(d) * nxt)
-  return out
-
-
 def _upsample_factor(lowres_hw: tuple[int, int], padded_hw: tuple[int, int]) -> int | None:
   """The common integer upsampling factor of both axes, if there is one."""
   (h, w), (hp, wp) = lowres_hw, padded_hw
@@ -120,19 +97,16 @@ def upsample_bilinear(x, padded_hw: tuple[int, int]):
   """(..., h, w) -> (..., Hp, Wp) bilinear (align_corners=False, no antialias).
 
   For an integer factor (the decoder's masks are a quarter of the padded
-  canvas) the phases of :func:`_axis_phases` are interleaved; otherwise
-  ``jax.image.resize``.  Equal to ``jax.image.resize(..., "linear")`` up to
+  canvas) :func:`~semsam_jax.models.layers.linear_upsample` on both axes, in
+  float32; otherwise ``jax.image.resize``.  Equal to ``jax.image.resize(..., "linear")`` up to
   float rounding.
   """
   f = _upsample_factor(x.shape[-2:], padded_hw)
   if f is None:
     return jax.image.resize(x, x.shape[:-2] + tuple(padded_hw), method="linear",
                             antialias=False)
-  h, w = x.shape[-2:]
-  rows = jnp.stack(_axis_phases(x, f, x.ndim - 2), x.ndim - 1)        # (..., h, f, w)
-  rows = rows.reshape(x.shape[:-2] + (h * f, w))
-  cols = jnp.stack(_axis_phases(rows, f, rows.ndim - 1), rows.ndim)   # (..., H, w, f)
-  return cols.reshape(x.shape[:-2] + (h * f, w * f))
+  x = x.astype(jnp.float32)
+  return linear_upsample(linear_upsample(x, f, x.ndim - 2), f, x.ndim - 1)
 
 
 def threshold_counts_xla(lowres, image_hw, thresholds, padded_hw: tuple[int, int]):
@@ -158,17 +132,10 @@ def threshold_counts_xla(lowres, image_hw, thresholds, padded_hw: tuple[int, int
   iy = jnp.arange(h)[:, None] * f
   ix = jnp.arange(w)[None, :] * f
   total = jnp.zeros((lowres.shape[0], thresholds.shape[0]), jnp.int32)
-  for ry, rows in enumerate(_axis_phases(lowres, f, 1)):
-    for rx, val in enumerate(_axis_phases(rows, f, 2)):
+  for ry, rows in enumerate(linear_upsample_phases(lowres.astype(jnp.float32), f, 1)):
+    for rx, val in enumerate(linear_upsample_phases(rows, f, 2)):
       total = total + count(val, (iy + ry < image_hw[0]) & (ix + rx < image_hw[1]))
   return total
-
-
-def _use_native_counts(lowres_hw, padded_hw) -> bool:
-  if jax.default_backend() != "cpu" or _upsample_factor(lowres_hw, padded_hw) is None:
-    return False
-  from semsam_jax.kernels import native
-  return native.available()
 
 
 @functools.partial(jax.jit, static_argnames=("padded_hw",))
@@ -183,10 +150,9 @@ def _stability_counts(lowres, image_hw, offset, padded_hw: tuple[int, int]):
   s, l, h, w = lowres.shape
   flat = lowres.reshape(s * l, h, w)
   thresholds = jnp.stack([offset, -offset]).astype(jnp.float32)
-  if _use_native_counts((h, w), padded_hw):
-    from semsam_jax.kernels.mask_stats import mask_threshold_counts
-    counts = mask_threshold_counts(flat, image_hw, thresholds,
-                                   _upsample_factor((h, w), padded_hw))
+  factor = _upsample_factor((h, w), padded_hw)
+  if factor is not None and native.usable_here():
+    counts = mask_stats.mask_threshold_counts(flat, image_hw, thresholds, factor)
   else:
     counts = jax.lax.map(lambda x: threshold_counts_xla(x, image_hw, thresholds, padded_hw),
                          flat.reshape(s, l, h, w), batch_size=_STATS_CHUNK).reshape(s * l, 2)

@@ -168,6 +168,12 @@ def available() -> bool:
   return True
 
 
+def usable_here() -> bool:
+  """True when JAX computes on the CPU and the kernels are available: the
+  condition under which the "auto" choices use them."""
+  return jax.default_backend() == "cpu" and available()
+
+
 def unavailable_reason() -> str | None:
   """Why :func:`available` is False (None when it is True)."""
   try:

@@ -38,29 +38,29 @@ def reference(qkv, bias, mask, num_heads: int, scale: float):
   return jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v).reshape(b, w, n, c)
 
 
-def _call(qkv, bias, mask, num_heads: int, scale: float):
-  native.load()
+def _call(qkv, bias, mask, has_mask: bool, num_heads: int, scale: float):
   b, w, n, c3 = qkv.shape
-  has_mask = mask is not None
-  mask_arg = mask if has_mask else jnp.zeros((1, 1, 1), jnp.float32)
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, w, n, c3 // 3), jnp.float32),
                           vmap_method="sequential")(
-      qkv.astype(jnp.float32), bias.astype(jnp.float32), mask_arg.astype(jnp.float32),
+      qkv.astype(jnp.float32), bias.astype(jnp.float32), mask.astype(jnp.float32),
       num_heads=int(num_heads), scale=np.float32(scale), has_mask=int(has_mask))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(qkv, bias, mask, num_heads, scale):
-  return _call(qkv, bias, mask, num_heads, scale)
+# ``mask`` is always an array (a (1, 1, 1) placeholder when ``has_mask`` is
+# False), so one custom VJP serves both the plain and the shifted windows.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(qkv, bias, mask, has_mask, num_heads, scale):
+  return _call(qkv, bias, mask, has_mask, num_heads, scale)
 
 
-def _fwd(qkv, bias, mask, num_heads, scale):
-  return _call(qkv, bias, mask, num_heads, scale), (qkv, bias, mask)
+def _fwd(qkv, bias, mask, has_mask, num_heads, scale):
+  return _call(qkv, bias, mask, has_mask, num_heads, scale), (qkv, bias, mask)
 
 
-def _bwd(num_heads, scale, residuals, g):
+def _bwd(has_mask, num_heads, scale, residuals, g):
   qkv, bias, mask = residuals
-  _, vjp = jax.vjp(lambda q, bb, m: reference(q, bb, m, num_heads, scale), qkv, bias, mask)
+  _, vjp = jax.vjp(lambda q, bb, m: reference(q, bb, m if has_mask else None, num_heads, scale),
+                   qkv, bias, mask)
   return vjp(g)
 
 
@@ -75,24 +75,6 @@ def window_attention(qkv, bias, mask, num_heads: int, scale: float):
   kernel cannot be built here.
   """
   native.load()
-  if mask is None:
-    return _attention_nomask(qkv, bias, num_heads, scale)
-  return _attention(qkv, bias, mask, num_heads, scale)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _attention_nomask(qkv, bias, num_heads, scale):
-  return _call(qkv, bias, None, num_heads, scale)
-
-
-def _fwd_nomask(qkv, bias, num_heads, scale):
-  return _call(qkv, bias, None, num_heads, scale), (qkv, bias)
-
-
-def _bwd_nomask(num_heads, scale, residuals, g):
-  qkv, bias = residuals
-  _, vjp = jax.vjp(lambda q, bb: reference(q, bb, None, num_heads, scale), qkv, bias)
-  return vjp(g)
-
-
-_attention_nomask.defvjp(_fwd_nomask, _bwd_nomask)
+  has_mask = mask is not None
+  mask_arg = mask if has_mask else jnp.zeros((1, 1, 1), jnp.float32)
+  return _attention(qkv, bias, mask_arg, has_mask, num_heads, scale)

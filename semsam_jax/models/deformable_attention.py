@@ -50,11 +50,7 @@ def _static_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
 
 def level_start_index(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
   """Offset of each level inside the flattened sequence (static ints)."""
-  starts, total = [], 0
-  for h, w in _static_shapes(spatial_shapes):
-    starts.append(total)
-    total += h * w
-  return tuple(starts)
+  return msda_impls.level_starts(_static_shapes(spatial_shapes))
 
 
 def _check_inputs(value, shapes, sampling_locations, attention_weights):

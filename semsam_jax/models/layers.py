@@ -153,6 +153,42 @@ class MLP(nn.Module):
     return x
 
 
+def linear_upsample_phases(x: jax.Array, factor: int, axis: int) -> list:
+  """Linear (align_corners=False) upsampling of ``x`` by an integer factor
+  along ``axis``, as ``factor`` phase arrays of ``x``'s shape: phase ``r``
+  holds the outputs ``factor * i + r``.
+
+  Output ``factor * i + r`` samples ``i + d_r`` with
+  ``d_r = (r + 0.5) / factor - 0.5``: a two-tap blend of ``x[i]`` with its
+  left (``d_r < 0``) or right neighbour, clamped at the ends -- what
+  ``jax.image.resize(..., "linear")`` and PyTorch's
+  ``F.interpolate(mode="bilinear")`` compute there, without a dense
+  interpolation matrix.
+  """
+  n = x.shape[axis]
+  if n == 1:
+    return [x] * factor
+  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
+  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
+  out = []
+  for r in range(factor):
+    d = (r + 0.5) / factor - 0.5
+    if d < 0:
+      out.append(jnp.asarray(-d, x.dtype) * prev + jnp.asarray(1 + d, x.dtype) * x)
+    else:
+      out.append(jnp.asarray(1 - d, x.dtype) * x + jnp.asarray(d, x.dtype) * nxt)
+  return out
+
+
+def linear_upsample(x: jax.Array, factor: int, axis: int) -> jax.Array:
+  """The phases of :func:`linear_upsample_phases` interleaved: ``x`` with
+  axis ``axis`` ``factor`` times longer."""
+  out = jnp.stack(linear_upsample_phases(x, factor, axis), axis + 1)
+  return out.reshape(x.shape[:axis] + (factor * x.shape[axis],) + x.shape[axis + 1:])
+
+
 def chunk_layout(length: int, chunk: int) -> tuple[int, int]:
   """(number of chunks, chunk size) used by :func:`map_token_chunks`."""
   n0 = -(-length // chunk)

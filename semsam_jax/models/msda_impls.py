@@ -76,6 +76,15 @@ def _as_shapes(spatial_shapes) -> Shapes:
   return tuple((int(h), int(w)) for h, w in spatial_shapes)
 
 
+def level_starts(shapes: Shapes) -> tuple[int, ...]:
+  """Offset of each level inside the flattened sequence (static ints)."""
+  starts, total = [], 0
+  for h, w in shapes:
+    starts.append(total)
+    total += h * w
+  return tuple(starts)
+
+
 def _corner_geometry(value_shape: tuple[int, ...], shapes: Shapes, loc: Array):
   """Row indices, in-map masks and fractional offsets of all bilinear corners.
 
@@ -95,11 +104,7 @@ def _corner_geometry(value_shape: tuple[int, ...], shapes: Shapes, loc: Array):
   # Per-level constants broadcast against the (L, P) trailing axes.
   widths = jnp.asarray([w for _, w in shapes], jnp.float32)[:, None]
   heights = jnp.asarray([h for h, _ in shapes], jnp.float32)[:, None]
-  starts, total = [], 0
-  for h, w in shapes:
-    starts.append(total)
-    total += h * w
-  starts = jnp.asarray(starts, jnp.int32)[:, None]
+  starts = jnp.asarray(level_starts(shapes), jnp.int32)[:, None]
   widths_i = widths.astype(jnp.int32)
   heights_i = heights.astype(jnp.int32)
 

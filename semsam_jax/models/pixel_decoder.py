@@ -37,7 +37,7 @@ import numpy as np
 
 from semsam_jax.models.deformable_attention import MSDeformAttn
 from semsam_jax.models.layers import (conv, conv2d, dense, group_norm, layer_norm,
-                                      map_token_chunks)
+                                      linear_upsample, map_token_chunks)
 
 Array = jax.Array
 Dtype = Any
@@ -103,23 +103,6 @@ def _linear_resize_matrix(out_size: int, in_size: int) -> np.ndarray:
   return m
 
 
-def _upsample2x(x: Array, axis: int) -> Array:
-  """Exact 2x linear upsampling along ``axis`` (align_corners=False): output
-  2i is 0.25 x[i-1] + 0.75 x[i] and 2i+1 is 0.75 x[i] + 0.25 x[i+1], the
-  neighbours clamped at the ends (the weights of ``_linear_resize_matrix``).
-  Two shifted copies and a multiply-add instead of a dense matrix product."""
-  n = x.shape[axis]
-  first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
-  prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
-  nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), last], axis)
-  q, t = jnp.asarray(0.25, x.dtype), jnp.asarray(0.75, x.dtype)
-  even = q * prev + t * x
-  odd = t * x + q * nxt
-  out = jnp.stack([even, odd], axis + 1)
-  return out.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
-
-
 def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   """Bilinear resize of NHWC ``x`` to static ``size`` (align_corners=False,
   no antialiasing), matching PyTorch's ``F.interpolate(mode='bilinear')``."""
@@ -127,7 +110,9 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   if (h, w) == tuple(size):
     return x
   if tuple(size) == (2 * h, 2 * w) and h > 1 and w > 1:
-    return _upsample2x(_upsample2x(x, 1), 2)
+    # Exact 2x: output 2i is 0.25 x[i-1] + 0.75 x[i], 2i+1 is 0.75 x[i] +
+    # 0.25 x[i+1] (the weights of _linear_resize_matrix), no matrix product.
+    return linear_upsample(linear_upsample(x, 2, 1), 2, 2)
   mh = jnp.asarray(_linear_resize_matrix(size[0], h), x.dtype)
   mw = jnp.asarray(_linear_resize_matrix(size[1], w), x.dtype)
   x = jnp.einsum("oh,bhwc->bowc", mh, x)

@@ -202,8 +202,8 @@ class WindowAttention(nn.Module):
     if self.impl == "cpu_native":
       return True
     from semsam_jax.kernels import native
-    return (jax.default_backend() == "cpu" and jnp.dtype(self.dtype) == jnp.float32
-            and (deterministic or self.attn_drop == 0.0) and native.available())
+    return (jnp.dtype(self.dtype) == jnp.float32 and (deterministic or self.attn_drop == 0.0)
+            and native.usable_here())
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[np.ndarray] = None,
