@@ -107,9 +107,17 @@ def matmul_rate(n: int = 2048, runs: int = 5) -> float:
 
 
 def machine_line() -> str:
+  """One line naming the machine: host, CPU model, JAX backend and, on the CPU,
+  the ISA the native kernels were built for."""
+  from semsam_jax.kernels import native
   dev = jax.devices()[0]
-  return (f"{platform.node()} | {platform.processor() or platform.machine()} | "
+  line = (f"{platform.node()} | {native.cpu_model()} | "
           f"jax {jax.__version__} | backend {dev.platform} ({dev.device_kind}) x{jax.device_count()}")
+  if dev.platform == "cpu":
+    info = native.build_info()
+    isa = info["isa"] or f"unavailable: {info.get('unavailable')}"
+    line += f" | native kernels -march={info['arch']} ({isa})"
+  return line
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

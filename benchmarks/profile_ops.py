@@ -129,6 +129,12 @@ def main() -> None:
                      rows[:args.top])
   rows = [[k, t, 100 * t / total] for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1])]
   common.print_table(["primitive", "s per run", "% of thunk time"], rows[:args.top])
+  # The native kernels' share: every custom call, by the model part it serves.
+  kernels = [[g, t, 100 * t / total] for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])
+             if g.endswith("/ffi_call")]
+  print(f"native kernels: {sum(r[1] for r in kernels):.3f} s per run, "
+        f"{sum(r[2] for r in kernels):.1f} % of thunk time")
+  common.print_table(["native kernel (model part)", "s per run", "% of thunk time"], kernels)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // Shared helpers of the native CPU kernels: work splitting on XLA's intra-op
-// thread pool and 16-lane float vectors (GCC/Clang vector extensions: one
-// AVX-512 register, two AVX2 ones, four NEON ones, ...).
+// thread pool and 16-lane float vectors (one AVX-512 register, two AVX2 ones,
+// four SSE/NEON ones; see "vectors" below).
 
 #ifndef SEMSAM_JAX_KERNELS_KERNEL_COMMON_H_
 #define SEMSAM_JAX_KERNELS_KERNEL_COMMON_H_
@@ -67,9 +67,102 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, F f) {
 }
 
 // ---------------------------------------------------------------- vectors
+//
+// F16 / I16 are 16 float / int32 lanes.  With AVX-512 each is one register
+// (a plain GCC/Clang vector type).  Without it, GCC lowers 64-byte vector
+// types piecewise, often lane by lane through memory (measured: 9-15x slower
+// kernels on an AVX2 build), so there they are structs of the widest native
+// vectors (two 8-lane AVX registers, four 16-byte SSE/NEON ones) with the
+// same operators.  Every lane computes the same IEEE operations in the same
+// order either way, so results do not depend on the ISA built for.  Vector
+// selects are written Select(mask, a, b) (C++ cannot overload `?:`).
+
+#if defined(__AVX512F__)
+#define SEMSAM_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define SEMSAM_VECTOR_BYTES 32
+#else
+#define SEMSAM_VECTOR_BYTES 16
+#endif
+
+#if SEMSAM_VECTOR_BYTES == 64
 
 typedef float F16 __attribute__((vector_size(64)));
 typedef int32_t I16 __attribute__((vector_size(64)));
+
+inline F16 Select(I16 m, F16 a, F16 b) { return m ? a : b; }
+inline I16 Select(I16 m, I16 a, I16 b) { return m ? a : b; }
+inline I16 ToInt(F16 x) { return __builtin_convertvector(x, I16); }    // toward zero
+inline F16 ToFloat(I16 x) { return __builtin_convertvector(x, F16); }
+
+#else
+
+typedef float NativeF __attribute__((vector_size(SEMSAM_VECTOR_BYTES)));
+typedef int32_t NativeI __attribute__((vector_size(SEMSAM_VECTOR_BYTES)));
+constexpr int kVecLanes = SEMSAM_VECTOR_BYTES / 4;
+constexpr int kVecParts = 16 / kVecLanes;
+
+template <typename V, typename E>
+struct Wide16 {
+  V p[kVecParts];
+  E operator[](int i) const { return p[i / kVecLanes][i % kVecLanes]; }
+};
+struct F16 : Wide16<NativeF, float> {};
+struct I16 : Wide16<NativeI, int32_t> {};
+
+template <typename W, typename F>
+inline W MapParts(const F& f) {
+  W r;
+  for (int k = 0; k < kVecParts; ++k) r.p[k] = f(k);
+  return r;
+}
+
+#define SEMSAM_WIDE_BINARY(T, R, OP)                                                   \
+  inline R operator OP(const T& a, const T& b) {                                       \
+    return MapParts<R>([&](int k) { return a.p[k] OP b.p[k]; });                        \
+  }
+#define SEMSAM_WIDE_SCALAR(T, S, OP)                                                   \
+  inline T operator OP(const T& a, S b) {                                              \
+    return MapParts<T>([&](int k) { return a.p[k] OP b; });                             \
+  }                                                                                    \
+  inline T& operator OP##=(T& a, const T& b) {                                         \
+    for (int k = 0; k < kVecParts; ++k) a.p[k] OP##= b.p[k];                           \
+    return a;                                                                          \
+  }
+SEMSAM_WIDE_BINARY(F16, F16, +) SEMSAM_WIDE_BINARY(F16, F16, -)
+SEMSAM_WIDE_BINARY(F16, F16, *) SEMSAM_WIDE_BINARY(F16, F16, /)
+SEMSAM_WIDE_SCALAR(F16, float, +) SEMSAM_WIDE_SCALAR(F16, float, -)
+SEMSAM_WIDE_SCALAR(F16, float, *) SEMSAM_WIDE_SCALAR(F16, float, /)
+SEMSAM_WIDE_BINARY(F16, I16, <) SEMSAM_WIDE_BINARY(F16, I16, <=)
+SEMSAM_WIDE_BINARY(F16, I16, >) SEMSAM_WIDE_BINARY(F16, I16, >=)
+SEMSAM_WIDE_BINARY(I16, I16, +) SEMSAM_WIDE_BINARY(I16, I16, -)
+SEMSAM_WIDE_BINARY(I16, I16, *) SEMSAM_WIDE_BINARY(I16, I16, &)
+SEMSAM_WIDE_BINARY(I16, I16, |)
+SEMSAM_WIDE_BINARY(I16, I16, <) SEMSAM_WIDE_BINARY(I16, I16, <=)
+SEMSAM_WIDE_BINARY(I16, I16, >) SEMSAM_WIDE_BINARY(I16, I16, >=)
+SEMSAM_WIDE_SCALAR(I16, int32_t, +) SEMSAM_WIDE_SCALAR(I16, int32_t, -)
+SEMSAM_WIDE_SCALAR(I16, int32_t, *)
+#undef SEMSAM_WIDE_BINARY
+#undef SEMSAM_WIDE_SCALAR
+
+inline F16 operator-(const F16& a) { return MapParts<F16>([&](int k) { return -a.p[k]; }); }
+inline I16 operator<<(const I16& a, int s) {
+  return MapParts<I16>([&](int k) { return a.p[k] << s; });
+}
+inline F16 Select(const I16& m, const F16& a, const F16& b) {
+  return MapParts<F16>([&](int k) { return m.p[k] ? a.p[k] : b.p[k]; });
+}
+inline I16 Select(const I16& m, const I16& a, const I16& b) {
+  return MapParts<I16>([&](int k) { return m.p[k] ? a.p[k] : b.p[k]; });
+}
+inline I16 ToInt(const F16& x) {                                           // toward zero
+  return MapParts<I16>([&](int k) { return __builtin_convertvector(x.p[k], NativeI); });
+}
+inline F16 ToFloat(const I16& x) {
+  return MapParts<F16>([&](int k) { return __builtin_convertvector(x.p[k], NativeF); });
+}
+
+#endif  // SEMSAM_VECTOR_BYTES
 
 inline F16 Splat(float a) { return F16{} + a; }
 
@@ -89,7 +182,7 @@ inline I16 LoadI16(const int32_t* p) {
 
 inline void StoreI16(int32_t* p, I16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline F16 Max16(F16 a, F16 b) { return a > b ? a : b; }
+inline F16 Max16(F16 a, F16 b) { return Select(a > b, a, b); }
 
 inline float HMax(F16 v) {
   float m = v[0];
@@ -105,8 +198,8 @@ inline float HSum(F16 v) {
 
 // floor() of values well inside the int32 range.
 inline I16 FloorI(F16 x) {
-  const I16 t = __builtin_convertvector(x, I16);        // truncation toward zero
-  return __builtin_convertvector(t, F16) > x ? t - 1 : t;
+  const I16 t = ToInt(x);        // truncation toward zero
+  return Select(ToFloat(t) > x, t - 1, t);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum); inputs below
@@ -115,9 +208,9 @@ inline I16 FloorI(F16 x) {
 inline F16 ExpNonPositive(F16 x) {
   const F16 lo = Splat(-87.3f);
   const I16 underflow = x < lo;
-  x = x < lo ? lo : x;
+  x = Select(x < lo, lo, x);
   const I16 n = FloorI(x * Splat(1.44269504088896341f) + Splat(0.5f));
-  const F16 nf = __builtin_convertvector(n, F16);
+  const F16 nf = ToFloat(n);
   F16 r = x - nf * Splat(0.693359375f);
   r = r - nf * Splat(-2.12194440e-4f);
   const F16 r2 = r * r;
@@ -132,7 +225,7 @@ inline F16 ExpNonPositive(F16 x) {
   F16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   const F16 y = p * scale;
-  return underflow ? F16{} : y;
+  return Select(underflow, F16{}, y);
 }
 
 }  // namespace semsam_kernels

@@ -281,18 +281,18 @@ inline void SampleQueryHead16(Channels<kD>& acc, const Dims& k, const LaneLevels
   const F16 x = Load16(lx) * wf - half;
   const F16 y = Load16(ly) * hf - half;
   const I16 any = (x >= -one) & (x < wf) & (y >= -one) & (y < hf);
-  const F16 xs = any ? x : zero, ys = any ? y : zero;
-  I16 x0 = __builtin_convertvector(xs, I16), y0 = __builtin_convertvector(ys, I16);
-  x0 = __builtin_convertvector(x0, F16) > xs ? x0 - ione : x0;   // floor
-  y0 = __builtin_convertvector(y0, F16) > ys ? y0 - ione : y0;
-  const F16 fx = xs - __builtin_convertvector(x0, F16), fy = ys - __builtin_convertvector(y0, F16);
+  const F16 xs = Select(any, x, zero), ys = Select(any, y, zero);
+  I16 x0 = ToInt(xs), y0 = ToInt(ys);
+  x0 = Select(ToFloat(x0) > xs, x0 - ione, x0);   // floor
+  y0 = Select(ToFloat(y0) > ys, y0 - ione, y0);
+  const F16 fx = xs - ToFloat(x0), fy = ys - ToFloat(y0);
   const F16 gx = one - fx, gy = one - fy;
   const I16 xin0 = x0 >= izero, xin1 = x0 + ione < wi, yin0 = y0 >= izero, yin1 = y0 + ione < hi;
-  const I16 cx0 = xin0 ? x0 : izero, cx1 = xin1 ? x0 + ione : wi - ione;
-  const I16 cy0 = yin0 ? y0 : izero, cy1 = yin1 ? y0 + ione : hi - ione;
-  const F16 a = any ? Load16(att) : zero;
-  const F16 w00 = (yin0 & xin0) ? gy * gx * a : zero, w01 = (yin0 & xin1) ? gy * fx * a : zero;
-  const F16 w10 = (yin1 & xin0) ? fy * gx * a : zero, w11 = (yin1 & xin1) ? fy * fx * a : zero;
+  const I16 cx0 = Select(xin0, x0, izero), cx1 = Select(xin1, x0 + ione, wi - ione);
+  const I16 cy0 = Select(yin0, y0, izero), cy1 = Select(yin1, y0 + ione, hi - ione);
+  const F16 a = Select(any, Load16(att), zero);
+  const F16 w00 = Select(yin0 & xin0, gy * gx * a, zero), w01 = Select(yin0 & xin1, gy * fx * a, zero);
+  const F16 w10 = Select(yin1 & xin0, fy * gx * a, zero), w11 = Select(yin1 & xin1, fy * fx * a, zero);
   const I16 stride = I16{} + static_cast<int32_t>(k.m * k.d);
   const I16 r00 = (st + cy0 * wi + cx0) * stride, r01 = (st + cy0 * wi + cx1) * stride;
   const I16 r10 = (st + cy1 * wi + cx0) * stride, r11 = (st + cy1 * wi + cx1) * stride;
@@ -604,3 +604,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SemsamMsdaBackward, MsdaBackwardImpl,
 // Version of the calling conventions of this library (all its sources); the
 // Python side checks it.
 extern "C" int SemsamKernelsAbiVersion() { return 1; }
+
+// The vector extensions this build was compiled for (reported by benchmarks).
+extern "C" const char* SemsamKernelsIsa() {
+  return ""
+#if defined(__AVX512F__)
+         "avx512f "
+#endif
+#if defined(__AVX2__)
+         "avx2 "
+#endif
+#if defined(__FMA__)
+         "fma "
+#endif
+#if defined(__AVX__)
+         "avx "
+#endif
+#if defined(__SSE4_2__)
+         "sse4.2 "
+#endif
+#if defined(__ARM_NEON)
+         "neon "
+#endif
+         "";
+}

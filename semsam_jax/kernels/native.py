@@ -6,11 +6,14 @@ upsampled mask logits; ``window_attention_cpu.cc``: Swin window attention)
 are XLA typed-FFI custom calls.  On first use they are
 compiled into one shared library with the system C++ compiler (``$CXX``, else
 ``c++`` / ``g++`` / ``clang++``) against the FFI headers shipped with jaxlib,
-for the machine it runs on (``-march=native``), into
+for the instruction set named by ``$SEMSAM_JAX_NATIVE_ARCH`` (a GCC/Clang
+``-march`` value; default ``native``, the machine it runs on; e.g.
+``x86-64-v3`` for AVX2 + FMA, ``x86-64-v4`` for AVX-512), into
 ``$SEMSAM_JAX_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/semsam_jax`` or
 ``~/.cache/semsam_jax``).  The file name carries a hash of the sources, the
-compiler command, the jaxlib version and the CPU's feature flags, so a
-changed source, toolchain or machine gets its own build; the library is
+compiler command (including the ``-march`` value), the jaxlib version and
+the CPU's feature flags, so a changed source, toolchain, ISA or machine gets
+its own build; the library is
 written under a temporary name and renamed, so a partial file is never
 loaded.  Building takes a few seconds, once per machine.
 
@@ -27,6 +30,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +55,10 @@ TARGETS = {
 # Batch-partitionable under SPMD (every operand and result is batch-major).
 BATCH_PARTITIONABLE = tuple(TARGETS)
 # -ffp-contract=off: no fused multiply-adds, so results round like XLA's
-# formulations of the same arithmetic.
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
+# formulations of the same arithmetic (and do not depend on the ISA built for).
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-w")
+ARCH_ENV = "SEMSAM_JAX_NATIVE_ARCH"
+_ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 _lock = threading.Lock()
 _state: dict = {}   # "lib" once loaded, or "error" (str) once failed
@@ -68,6 +74,21 @@ def cache_dir() -> Path:
     return Path(env)
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return Path(base) / "semsam_jax"
+
+
+def arch() -> str:
+  """The ``-march`` value the kernels are built for (``$SEMSAM_JAX_NATIVE_ARCH``,
+  default ``native``)."""
+  value = os.environ.get(ARCH_ENV, "").strip() or "native"
+  if not _ARCH_RE.match(value):
+    raise KernelUnavailableError(f"{ARCH_ENV}={value!r} is not a -march value "
+                                 "(e.g. native, x86-64-v3, x86-64-v4)")
+  return value
+
+
+def flags(march: str | None = None) -> tuple[str, ...]:
+  """Compiler flags for ``march`` (default :func:`arch`)."""
+  return (f"-march={march or arch()}", *BASE_FLAGS)
 
 
 def compiler() -> str | None:
@@ -92,21 +113,23 @@ def _cpu_signature() -> str:
   return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def library_path(cxx: str, sources=SOURCES) -> Path:
+def library_path(cxx: str, sources=SOURCES, march: str | None = None) -> Path:
   import jaxlib
+  march = march or arch()
   h = hashlib.sha256()
   for src in (*sources, *HEADERS):
     h.update(Path(src).read_bytes())
-  h.update(repr((cxx, FLAGS, jaxlib.__version__, _cpu_signature())).encode())
-  return cache_dir() / f"semsam_kernels-{h.hexdigest()[:16]}.so"
+  h.update(repr((cxx, flags(march), jaxlib.__version__, _cpu_signature())).encode())
+  tag = re.sub(r"[^A-Za-z0-9]+", "_", march)
+  return cache_dir() / f"semsam_kernels-{tag}-{h.hexdigest()[:16]}.so"
 
 
-def build(cxx: str, target: Path, sources=SOURCES) -> None:
+def build(cxx: str, target: Path, sources=SOURCES, march: str | None = None) -> None:
   """Compiles ``sources`` into ``target`` (atomically: temp file + rename)."""
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f"-I{HERE}", f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", tmp]
+  cmd = [cxx, *flags(march), f"-I{HERE}", f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", tmp]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -172,6 +195,35 @@ def usable_here() -> bool:
   """True when JAX computes on the CPU and the kernels are available: the
   condition under which the "auto" choices use them."""
   return jax.default_backend() == "cpu" and available()
+
+
+def cpu_model() -> str:
+  """The CPU's model name (from /proc/cpuinfo; else ``platform.processor()``)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.lower().startswith(("model name", "hardware")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def build_info() -> dict:
+  """Where and for what the kernels run: CPU model, ``-march`` value and the
+  vector extensions the loaded build was compiled with (``isa``; None when the
+  kernels are unavailable, with ``unavailable`` saying why)."""
+  info = {"cpu": cpu_model(), "arch": os.environ.get(ARCH_ENV, "").strip() or "native",
+          "isa": None}
+  try:
+    lib = load()
+  except KernelUnavailableError as e:
+    info["unavailable"] = str(e)
+    return info
+  fn = lib.SemsamKernelsIsa
+  fn.restype = ctypes.c_char_p
+  info["isa"] = fn().decode().strip() or "generic"
+  return info
 
 
 def unavailable_reason() -> str | None:
