@@ -334,3 +334,42 @@ def config_from_reference_yaml(source) -> ml_collections.ConfigDict:
       size_divisibility=size_div,
   )
   return ml_collections.ConfigDict(cfg)
+
+
+def optim_config_from_reference_yaml(source) -> ml_collections.ConfigDict:
+  """``config.optim`` (semsam_jax.training.config schema) from a YAML's SOLVER section.
+
+  Only AdamW with full-model L2 clipping and ``WarmupMultiStepLR`` (the
+  SA-1B recipe) is supported; anything else raises ``ValueError``.
+  """
+  from semsam_jax.training.config import optim_config
+  r = _Reader(load_reference_yaml(source))
+  s = "SOLVER."
+  if r.str(s + "OPTIMIZER") != "ADAMW":
+    raise ValueError(f"{s}OPTIMIZER = {r.raw(s + 'OPTIMIZER')!r} is not supported (only 'ADAMW')")
+  if r.str(s + "LR_SCHEDULER_NAME") != "WarmupMultiStepLR":
+    raise ValueError(f"{s}LR_SCHEDULER_NAME = {r.raw(s + 'LR_SCHEDULER_NAME')!r} is not "
+                     "supported (only 'WarmupMultiStepLR')")
+  clip = 0.0
+  if r.bool(s + "CLIP_GRADIENTS.ENABLED", False):
+    if r.str(s + "CLIP_GRADIENTS.CLIP_TYPE") != "full_model" or \
+        r.float(s + "CLIP_GRADIENTS.NORM_TYPE", 2.0) != 2.0:
+      raise ValueError(f"{s}CLIP_GRADIENTS: only CLIP_TYPE full_model with NORM_TYPE 2.0 is supported")
+    clip = r.float(s + "CLIP_GRADIENTS.CLIP_VALUE")
+  mult = r.raw(s + "LR_MULTIPLIER", {}) or {}
+  if not isinstance(mult, Mapping):
+    raise ValueError(f"{s}LR_MULTIPLIER must be a mapping, got {mult!r}")
+  c = optim_config()
+  c.base_lr = r.float(s + "BASE_LR")
+  c.weight_decay = r.float(s + "WEIGHT_DECAY")
+  c.weight_decay_norm = r.float(s + "WEIGHT_DECAY_NORM", 0.0)
+  c.weight_decay_embed = r.float(s + "WEIGHT_DECAY_EMBED", 0.0)
+  c.lr_multiplier = tuple((str(k), float(v)) for k, v in mult.items())
+  c.clip_norm = clip
+  c.steps = r.ints(s + "STEPS")
+  c.gamma = r.float(s + "GAMMA")
+  c.warmup_factor = r.float(s + "WARMUP_FACTOR")
+  c.warmup_iters = r.int(s + "WARMUP_ITERS", minimum=0)
+  c.warmup_method = r.str(s + "WARMUP_METHOD")
+  c.max_iter = r.int(s + "MAX_ITER", minimum=1)
+  return c
