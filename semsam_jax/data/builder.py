@@ -229,6 +229,8 @@ def build_part(data_dir: str, split: str, key: str, source: str,
   skipped: list[Skipped] = []
   from tqdm import tqdm
 
+  yielded = [0]
+
   def examples():
     bar = tqdm(total=len(items), desc=f"{split} <- {os.path.basename(source.rstrip('/'))}",
                unit="img", disable=not progress, file=sys.stderr)
@@ -238,6 +240,7 @@ def build_part(data_dir: str, split: str, key: str, source: str,
         skipped.append(res)
         log(f"skip {res.path}: {res.reason}")
         continue
+      yielded[0] += 1
       yield res
     bar.close()
 
@@ -250,8 +253,13 @@ def build_part(data_dir: str, split: str, key: str, source: str,
         manual_dir=tmp_root, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     n = builder.info.splits[split].num_examples if split in builder.info.splits else 0
   except Exception:
+    if yielded[0]:
+      shutil.rmtree(tmp_root, ignore_errors=True)
+      raise
+    # No valid example in this source: a part without a dataset.
     shutil.rmtree(tmp_root, ignore_errors=True)
-    raise
+    os.makedirs(tmp_root)
+    n = 0
   with open(os.path.join(tmp_root, "part.json"), "w") as f:
     json.dump({"source": os.path.abspath(source), "split": split, "built": int(n),
                "skipped": [dataclasses.asdict(s) for s in skipped]}, f, indent=1)
