@@ -147,15 +147,30 @@ def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 # Modules
 # ----------------------------------------------------------------------------
 
-def drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
+# Variable collection that can carry explicit stochastic-depth decisions (for
+# replaying recorded draws): ``{"drop_path_keep": {<block path>: {"attn": (B,),
+# "mlp": (B,)}}}`` with 1.0 = keep and 0.0 = drop, passed to ``model.apply``.
+DROP_PATH_KEEP = "drop_path_keep"
+
+
+def drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool,
+              branch: str = "branch") -> Array:
   """Stochastic depth: drops the whole residual branch per sample, rescaling
-  the kept ones by 1/keep (rng stream 'dropout')."""
+  the kept ones by 1/keep, as ``x * (keep_mask / keep_prob)`` (timm >= 0.6).
+
+  The decision comes from the variable ``DROP_PATH_KEEP``/``branch`` of
+  ``module`` when the caller provides it (shape (B,), 1 keep / 0 drop), else
+  from the 'dropout' rng stream.
+  """
   if deterministic or rate == 0.0:
     return x
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+  if module.has_variable(DROP_PATH_KEEP, branch):
+    mask = jnp.asarray(module.get_variable(DROP_PATH_KEEP, branch), x.dtype).reshape(shape)
+  else:
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape).astype(x.dtype)
+  return x * (mask / jnp.asarray(keep, x.dtype))
 
 
 class Mlp(nn.Module):
@@ -309,12 +324,12 @@ class SwinTransformerBlock(nn.Module):
     (1, w, N) zeroes the padding after norm1, ``mask`` (1, w, N, N) or None."""
     y = self.norm1(x) * real[..., None].astype(self.dtype)
     y = self.attn(y, None if mask is None else mask[0], deterministic=deterministic)
-    return x + drop_path(self, y, self.drop_path, deterministic)
+    return x + drop_path(self, y, self.drop_path, deterministic, "attn")
 
   def _mlp_branch(self, x: Array, deterministic: bool) -> Array:
     """MLP residual branch on tokens x (B, L, C)."""
     y = self.mlp(self.norm2(x), deterministic=deterministic)
-    return x + drop_path(self, y, self.drop_path, deterministic)
+    return x + drop_path(self, y, self.drop_path, deterministic, "mlp")
 
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """x: (B, H, W, C) -> (B, H, W, C)."""
