@@ -170,6 +170,21 @@ def check_image(image_bytes: bytes):
   return h, w
 
 
+def read_image_file(path):
+  """The bytes and (height, width) of the image file ``path``, fully decoded
+  once to catch truncation; a :class:`Skipped` naming the reason otherwise."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    return Skipped(path, f"cannot read image ({e})")
+  try:
+    h, w = check_image(data)
+  except Exception as e:
+    return Skipped(path, f"unreadable or truncated image ({type(e).__name__}: {e})")
+  return data, h, w
+
+
 def check_rles(annotations: Sequence[dict], height: int, width: int):
   """Raises ValueError naming the first annotation whose RLE is unusable."""
   from pycocotools import mask as mask_utils

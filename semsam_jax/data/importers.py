@@ -74,15 +74,10 @@ def coco_segmentation_to_rle(seg, height: int, width: int) -> dict:
 
 def _load_coco_image(item):
   path, info, anns, crowd = item
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return B.Skipped(path, f"cannot read image ({e})")
-  try:
-    h, w = B.check_image(data)
-  except Exception as e:
-    return B.Skipped(path, f"unreadable or truncated image ({type(e).__name__}: {e})")
+  read = B.read_image_file(path)
+  if isinstance(read, B.Skipped):
+    return read
+  data, h, w = read
   jh, jw = int(info.get("height", h)), int(info.get("width", w))
   if (jh, jw) != (h, w):
     return B.Skipped(path, f"COCO image size {jh}x{jw} != image file {h}x{w}")
@@ -156,12 +151,10 @@ def _read_png(path: str) -> np.ndarray:
 
 def _load_mask_image(item):
   path, mask_src, ignore, image_id = item
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    h, w = B.check_image(data)
-  except Exception as e:
-    return B.Skipped(path, f"unreadable or truncated image ({type(e).__name__}: {e})")
+  read = B.read_image_file(path)
+  if isinstance(read, B.Skipped):
+    return read
+  data, h, w = read
   masks = []
   try:
     if os.path.isdir(mask_src):

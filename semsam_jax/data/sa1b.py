@@ -36,15 +36,10 @@ def _natural(stem: str):
 def load_pair(item):
   """(jpg, json) -> (key, example) or Skipped (runs in worker processes)."""
   image_path, json_path = item
-  try:
-    with open(image_path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return B.Skipped(image_path, f"cannot read image ({e})")
-  try:
-    h, w = B.check_image(data)
-  except Exception as e:
-    return B.Skipped(image_path, f"unreadable or truncated image ({type(e).__name__}: {e})")
+  read = B.read_image_file(image_path)
+  if isinstance(read, B.Skipped):
+    return read
+  data, h, w = read
   try:
     with open(json_path) as f:
       record = json.load(f)
