@@ -45,6 +45,19 @@ def case_files(pattern: str = "case_*.npz") -> list[pathlib.Path]:
   return sorted(f for m in model_dirs() for f in m.glob(pattern))
 
 
+def train_grad_files() -> list[pathlib.Path]:
+  """Every ``train_*/ex*_grads.npz`` (gradients of one original training step)."""
+  d = golden_dir()
+  return sorted(d.glob("train_*/*_grads.npz")) if d.is_dir() else []
+
+
+def model_dir_of(case_dir: pathlib.Path) -> pathlib.Path:
+  """The ``tiny_*`` model folder a ``train_*`` / ``eval_*`` folder's meta.json names."""
+  import json
+  meta = json.loads((case_dir / "meta.json").read_text())
+  return (case_dir / meta["model_dir"]).resolve()
+
+
 def param_ids(paths) -> list[str]:
   return [f"{p.parent.name}/{p.stem}" for p in paths]
 

@@ -103,15 +103,19 @@ def _torch_adamw_step(p, g, lr, wd, b1=0.9, b2=0.999, eps=1e-8, step=1):
   return p - (lr / (1 - b1 ** step)) * m / denom
 
 
-def test_one_adamw_step_equals_torch_rule_on_golden_grads():
-  train = golden.require_golden() / "train_a"
-  if not train.is_dir():
-    golden._missing(str(train))
-  model_dir = golden.golden_dir() / "tiny_a"
+_GRAD_FILES = golden.train_grad_files() or [None]
+
+
+@pytest.mark.parametrize("grads_file", _GRAD_FILES, ids=lambda p: (
+    "missing" if p is None else f"{p.parent.name}/{p.name.removesuffix('_grads.npz')}"))
+def test_one_adamw_step_equals_torch_rule_on_golden_grads(grads_file):
+  if grads_file is None:
+    golden._missing(f"{golden.golden_dir()}/train_*/*_grads.npz")
+  model_dir = golden.model_dir_of(grads_file.parent)
   config = config_from_reference_yaml(model_dir / "config.yaml")
   from semsam_jax.convert import convert_checkpoint
   _, params = convert_checkpoint(model_dir / "model.pth", config=config)
-  with np.load(train / "ex0_grads.npz") as z:
+  with np.load(grads_file) as z:
     grads = mapping.convert_state_dict({k: z[k] for k in z.files}, params)
   c = optim_config()
   tx = optim.make_optimizer(params, c)
