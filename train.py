@@ -10,7 +10,7 @@ Cloud TPU pod slices, SLURM).  See README "Training".
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
@@ -39,6 +39,7 @@ def _maybe_initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   _maybe_initialize_distributed()
   from semsam_jax.training.loop import NonFiniteError, train
   try:

@@ -50,11 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = optim_config()
   config.optim.base_lr = 1e-3
   config.optim.clip_norm = 1.0
-  config.optim.steps = (1600, 1800)
-  config.optim.max_iter = 2000
+  config.optim.steps = (800, 900)
+  config.optim.max_iter = 1000
 
   config.batch_size = 4
-  config.total_steps = 2000
+  config.total_steps = 1000
   config.checkpoint_every = 200
   config.log_every = 10
   return config

@@ -15,6 +15,8 @@ TB_DIR = "tensorboard"
 def _plain(v):
   if isinstance(v, (bool, int, str)) or v is None:
     return v
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
   v = float(v)
   return v if math.isfinite(v) else str(v)
 

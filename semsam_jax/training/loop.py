@@ -100,6 +100,13 @@ def build(config, devices=None):
   return mesh, tx, abstract, shardings, step_fn
 
 
+def jit_step(step_fn, shardings, batch_shardings, mesh):
+  """The train step jitted with explicit in/out shardings and the state donated."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+
+
 def initial_state(config, tx, shardings, log=print):
   """Step-0 train state placed on ``shardings``."""
   key = jax.random.PRNGKey(int(config.seed))
@@ -134,7 +141,6 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
   log = log or (lambda m: print(m, flush=True) if is_main else None)
   mesh, tx, abstract, shardings, step_fn = build(config, devices)
   rules = state_lib.rules_of(config)
-  replicated = NamedSharding(mesh, P())
 
   loader = make_train_loader(config, process_index=jax.process_index(),
                              process_count=jax.process_count())
@@ -175,20 +181,20 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
 
   def handle(p):
     nonlocal last_time
-    step_no, metrics, wait = p
+    step_no, metrics, wait, ids = p
     m = _host(metrics)
     now = time.perf_counter()
     dt, last_time = now - last_time, now
     rec = {k: (bool(v) if v.dtype == bool else float(v)) for k, v in m.items()}
     rec.update(step_time=dt, images_per_s=config.batch_size / dt if dt > 0 else 0.0,
                data_wait_s=wait)
-    history.append(dict(rec, step=step_no))
+    history.append(dict(rec, step=step_no, example_ids=ids))
     if not rec["finite"]:
       writer.message(f"step {step_no}: non-finite loss/gradient (loss {rec['loss']}, "
                      f"grad norm {rec['grad_norm']}): update skipped "
                      f"({int(rec['bad_steps'])} in a row, {int(rec['skipped_steps'])} in all)")
     if step_no % log_every == 0 or not rec["finite"] or step_no == end:
-      writer.write(step_no, rec)
+      writer.write(step_no, dict(rec, example_ids=ids))
     writer.progress(loss=rec["loss"], lr=rec["lr"], img_s=rec["images_per_s"])
     if int(rec["bad_steps"]) >= max_bad:
       raise NonFiniteError(
@@ -206,8 +212,7 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
           local = inject_nan(local)
         if jitted is None:
           batch_sh = state_lib.batch_shardings(mesh, rules, local)
-          jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, replicated),
-                           out_shardings=(shardings, replicated), donate_argnums=0)
+          jitted = jit_step(step_fn, shardings, batch_sh, mesh)
         if prof and step == prof[0]:
           jax.profiler.start_trace(str(workdir / "profile"))
         batch = state_lib.global_batch(local, batch_sh, int(config.batch_size))
@@ -218,7 +223,7 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
           jax.profiler.stop_trace()
         if pending is not None:
           handle(pending)
-        pending = (step + 1, metrics, wait)
+        pending = (step + 1, metrics, wait, [int(i) for i in local["example_id"]])
         done = step + 1
         stop = preempt.requested()
         if stop or done == end:

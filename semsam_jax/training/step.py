@@ -68,7 +68,7 @@ def make_step_fn(loss_fn, tx, grad_accum_steps: int = 1):
       (loss, metrics, grads), _ = jax.lax.scan(
           body, (jnp.zeros((), jnp.float32), m0, g0),
           (jnp.arange(accum, dtype=jnp.int32), micro))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     opt_state = _set_lr(state.opt_state, lr)
     updates, new_opt = tx.update(grads, opt_state, params)
