@@ -4,7 +4,9 @@ Resumes from the latest complete checkpoint in ``DIR/checkpoints``.  Multi-proce
 runs (one process per host) call ``jax.distributed.initialize`` when
 ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID``), or always with ``--distributed`` (cluster auto-detection:
-Cloud TPU pod slices, SLURM).  See README "Training".
+Cloud TPU pod slices, SLURM).  With ``JAX_PLATFORMS=cpu`` the cross-process
+collectives are gloo.  ``scripts/local_multiprocess.py`` starts such a job on
+one machine; docs/reliability.md.  See README "Training".
 """
 
 import os
@@ -25,6 +27,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _maybe_initialize_distributed():
   import jax
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if (addr or _DISTRIBUTED.value) and os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU devices of different processes talk through gloo (the default
+    # CPU collectives cannot cross processes).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if addr:
     kwargs = {"coordinator_address": addr}
     if "JAX_NUM_PROCESSES" in os.environ:

@@ -81,6 +81,46 @@ class TrainCheckpointer:
         meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def restore_latest_good(self, abstract_state, data_iterator, warn=print):
+    """Restores the newest checkpoint that reads back; ``None`` when there is none.
+
+    Only committed steps are candidates (orbax lists a step once its
+    temporary directory has been renamed; an in-progress save never is).  A
+    step that fails to restore (truncated or corrupted files) is reported
+    through ``warn`` and the next older one is tried; when every step fails
+    the error of the newest is raised.  Steps newer than the one restored are
+    renamed ``<step>.corrupt`` so the resumed run can save them anew.  Returns ``(step, state, meta)``.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    first_error = None
+    for step in steps:
+      try:
+        state, meta = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # orbax / tensorstore raise many types  # noqa: BLE001
+        first_error = first_error or e
+        warn(f"warning: checkpoint {self.directory}/{step} does not restore "
+             f"({type(e).__name__}: {str(e)[:300]}); falling back to an older step")
+        continue
+      if step != steps[0]:
+        self._set_aside([s for s in steps if s > step])
+      return step, state, meta
+    if first_error is not None:
+      raise RuntimeError(f"no checkpoint in {self.directory} restores (steps {steps})") \
+          from first_error
+    return None
+
+  def _set_aside(self, steps):
+    """Renames unreadable steps to ``<step>.corrupt`` (kept for inspection, no longer a step)."""
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.corrupt"
+        shutil.rmtree(dst, ignore_errors=True)
+        if src.exists():
+          os.rename(src, dst)
+    _sync(f"ckpt-set-aside-{min(steps)}")
+    self.manager.reload()
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -149,11 +149,13 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
                                     every=int(config.checkpoint_every),
                                     keep=int(config.keep_checkpoints),
                                     use_async=bool(config.async_checkpoints))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract, shardings)
-    state, meta = ckpt.restore(latest, target, data_iter)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shardings)
+  restored = ckpt.restore_latest_good(target, data_iter, warn=log) \
+      if ckpt.latest_step() is not None else None
+  latest = None
+  if restored is not None:
+    latest, state, meta = restored
     if int(meta.get("batch_size", config.batch_size)) != int(config.batch_size):
       raise ValueError(f"{workdir}: checkpoint {latest} was trained with batch_size "
                        f"{meta['batch_size']}, the config says {config.batch_size}")
