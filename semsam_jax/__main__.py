@@ -507,4 +507,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _rc = main()
+  if _rc:
+    # After a reported error, leave without the interpreter's shutdown: a
+    # failed orbax restore leaves coroutines and TensorStore callbacks behind
+    # whose garbage collection would print pages of tracebacks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_rc)
+  sys.exit(_rc)

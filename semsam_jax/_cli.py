@@ -202,6 +202,7 @@ class StagedOutput:
       return
     new_set = {p.replace(os.sep, "/") for p in new}
     if self.stale is not None:
+      emptied = set()
       for root, _, files in os.walk(self.target):
         if os.path.abspath(root).startswith(os.path.join(self.target, ".")):
           continue
@@ -209,6 +210,10 @@ class StagedOutput:
           rel = os.path.relpath(os.path.join(root, f), self.target).replace(os.sep, "/")
           if rel not in new_set and self.stale.fullmatch(rel):
             os.remove(os.path.join(root, f))
+            emptied.add(root)
+      for d in sorted(emptied, reverse=True):  # subfolders emptied of stale files
+        if d != self.target and not os.listdir(d):
+          os.rmdir(d)
     # JSON files last: they list the others.
     for rel in sorted(new, key=lambda p: (p.endswith(".json"), p)):
       dst = os.path.join(self.target, rel)

@@ -273,6 +273,36 @@ def _quiet_orbax():
   return quiet()
 
 
+class _HeldStderr:
+  """Holds what is written to ``sys.stderr`` while restoring.  A failed orbax
+  restore leaves TensorStore reads in flight whose callbacks then print
+  hundreds of lines of "Event loop is closed" tracebacks from background
+  threads; on failure those are dropped (after they settle, up to ~3 s), on
+  success anything held is passed on."""
+
+  def __enter__(self):
+    import io
+    import sys
+    self._sys, self._real, self.buf = sys, sys.stderr, io.StringIO()
+    sys.stderr = self.buf
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    import time
+    if exc_type is not None:
+      size, deadline = -1, time.monotonic() + 3.0
+      while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = len(self.buf.getvalue())
+        if now == size:
+          break
+        size = now
+    self._sys.stderr = self._real
+    if exc_type is None and self.buf.getvalue():
+      self._real.write(self.buf.getvalue())
+    return False
+
+
 def _short(e: BaseException) -> str:
   """The first line of an orbax / TensorStore error, without the spec dump."""
   text = " ".join(str(e).split("\n", 1)[0].split())
@@ -319,7 +349,7 @@ def load_checkpoint(directory, sharding: ShardingSpec = None, *, validate: bool 
       k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=shardings[k])
       for k, m in meta_flat.items()})
   try:
-    with _quiet_orbax():
+    with _quiet_orbax(), _HeldStderr():
       params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(target))
   except Exception as e:
     raise CheckpointError(f"{params_dir}: cannot restore the parameters "
