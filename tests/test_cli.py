@@ -424,3 +424,38 @@ def test_resize_short_side_matches_torchvision_rule():
   assert resize_short_side(img, 640).shape == (640, 822, 3)     # int(640 * 90 / 70)
   assert resize_short_side(np.zeros((90, 70, 3), np.uint8), 640).shape == (822, 640, 3)
   assert resize_short_side(np.zeros((2, 900, 3), np.uint8), 640, 300).shape == (1, 300, 3)
+
+
+def test_docs_match_the_code():
+  """Item 12: README / pyproject facts that the code decides."""
+  import tomllib
+
+  from semsam_jax import _cli
+  readme = (golden.REPO_ROOT / "README.md").read_text()
+  pyproject = tomllib.loads((golden.REPO_ROOT / "pyproject.toml").read_text())
+  assert pyproject["project"]["requires-python"] == ">=3.11"
+  assert "Python ≥ 3.11" in readme and "3.10" not in readme
+  # Every CLI option the inference section names exists in predict/auto --help.
+  section = readme[readme.index("## Interactive prediction"):readme.index("## Sharding")]
+  parser = cli.build_parser()
+  sub = {a.dest: a for a in parser._actions}["command"].choices
+  known = {o for p in sub.values() for a in p._actions for o in a.option_strings}
+  named = set(re.findall(r"(--[a-z][a-z-]+)", section))
+  assert named and named <= known, named - known
+  # The documented cache location and switches are the code's.
+  env = {k: os.environ.pop(k) for k in ("SEMSAM_JAX_COMPILE_CACHE_DIR", "XDG_CACHE_HOME")
+         if k in os.environ}
+  try:
+    default = _cli.compile_cache_dir()
+  finally:
+    os.environ.update(env)
+  assert default == os.path.expanduser("~/.cache/semsam_jax/jax_cache")
+  assert "~/.cache/semsam_jax/jax_cache" in section and "SEMSAM_JAX_COMPILE_CACHE=0" in section
+  assert _cli.COMPILE_CACHE_ENV == "SEMSAM_JAX_COMPILE_CACHE"
+  assert _cli.COMPILE_CACHE_DIR_ENV in section
+  # The file names the README says predict / auto write.
+  for name in ("predictions.json", "prompt<i>_by_iou.png", "masks/prompt<i>_level<l>.png",
+               "masks.png", "masks.json"):
+    assert name in section
+  assert re.fullmatch(cli.PREDICT_OUTPUTS, "masks/prompt3_level6.png")
+  assert "`point_coords`" in (golden.REPO_ROOT / "docs" / "differences.md").read_text()
