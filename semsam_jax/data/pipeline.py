@@ -244,11 +244,12 @@ def _stack(items):
 
 def _shard(process_index, process_count):
   import grain
-  import jax
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
+  if process_index is None and process_count is None:
+    return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if process_index is None or process_count is None:
+    raise ValueError("give both process_index and process_count, or neither")
+  if not 0 <= int(process_index) < int(process_count):
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   return grain.sharding.ShardOptions(shard_index=int(process_index),
                                      shard_count=int(process_count), drop_remainder=True)
 
@@ -290,9 +291,16 @@ def make_train_loader(config, *, process_index: int | None = None,
   n_mine = len(mine)
   ds = ds.map_with_index(lambda g, local: (g // n_mine, int(mine[local % n_mine])))
   ds = ds.map(_PrepareFn(data_dir, split, seed, opt))
-  it = ds.to_iter_dataset().batch(per_host, drop_remainder=True, batch_fn=_stack)
+  # Batch before the workers: each batch is made whole by one worker, so the
+  # stream of batches does not depend on the worker count.
+  ds = ds.batch(per_host, drop_remainder=True, batch_fn=_stack)
+  it = ds.to_iter_dataset()
   workers = int(d.get("worker_count", 0))
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags (their defaults outside an absl app).
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=int(d.get("worker_buffer_size", 2))))
   return it
