@@ -154,7 +154,12 @@ def _load(args):
   except ImageError as e:
     raise CliError(str(e)) from None
   h, w = image.shape[:2]
-  return image, processed_size(h, w, args.short_side, args.max_long_side)
+  ph, pw = processed_size(h, w, args.short_side, args.max_long_side)
+  if ph * pw > args.max_pixels and not args.allow_large_images:
+    raise CliError(f"the processed image would be {pw}x{ph} = {ph * pw:,} pixels, more than "
+                   f"--max-pixels {args.max_pixels:,} (lower --short-side / --max-long-side, "
+                   "or pass --allow-large-images)")
+  return image, (ph, pw)
 
 
 def _predictor(args):
@@ -409,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({_cli.compile_cache_dir()}; also SEMSAM_JAX_COMPILE_CACHE=0)")
 
   p = sub.add_parser(
-      "predict", help="clicks/boxes -> masks of each granularity", formatter_class=_HelpFormatter,
+      "predict", help="clicks/boxes -> masks of each granularity",
+      formatter_class=argparse.HelpFormatter,
       description="Decode clicks and/or boxes into the masks of the chosen granularity levels. "
                   "Writes prompt<i>_by_iou.png / prompt<i>_by_area.png strips and "
                   "predictions.json (scores, boxes, COCO-RLE masks; coordinates in pixels of "
@@ -434,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_predict)
 
   p = sub.add_parser(
-      "auto", help="automatic mask generation at chosen levels", formatter_class=_HelpFormatter,
+      "auto", help="automatic mask generation at chosen levels",
+      formatter_class=argparse.HelpFormatter,
       description="Segment the whole image from a grid of clicks at the chosen granularity "
                   "levels. Writes masks.png (all masks coloured) and masks.json (SAM-style "
                   "records with COCO-RLE masks, coordinates in pixels of the processed image).")

@@ -197,6 +197,8 @@ def test_errors_are_reported_before_loading(tmp_path, tiny_files, capsys, monkey
       ((*im, *model, "--points", "1,1", "--max-long-side", "-1"), "--max-long-side"),
       ((*im, *model, "--points", "1,1", "--iou-thresh", "1.5"), "--iou-thresh must lie in"),
       ((*im, *model, "--points", "1,1", "--max-pixels", "100"), "more than the limit"),
+      ((*im, *model, "--points", "1,1", "--short-side", "100000", "--max-long-side", "0"),
+       "the processed image would be 100000x100000"),
   ]
   for args, want in cases:
     code, err = run("predict", *args, "--output-dir", out)
