@@ -219,3 +219,25 @@ def test_source_with_only_damaged_files(tmp_path):
     sa1b.build([str(d)], str(out), progress=False, log=lambda m: None)
   assert not (out / B.BUILDER_NAME / B.VERSION).exists()
   assert _leftovers(out) == []
+
+
+def test_default_synthetic_dataset(tmp_path):
+  from semsam_jax.data import data_config, ensure_dataset
+  d = data_config()
+  d.synthetic.update(dict(cache_dir=str(tmp_path), num_train_images=3, num_heldout_images=2,
+                          image_size=32))
+  out = ensure_dataset(d, progress=False)
+  assert os.path.dirname(out) == str(tmp_path) and os.path.exists(os.path.join(out, "COMPLETE"))
+  b = tfds.builder_from_directory(os.path.join(out, B.BUILDER_NAME, B.VERSION))
+  assert {s: b.info.splits[s].num_examples for s in b.info.splits} == {"train": 3, "heldout": 2}
+  train, held = b.as_data_source("train"), b.as_data_source("heldout")
+  ids = {int(train[i]["image"]["image_id"]) for i in range(3)}
+  assert ids.isdisjoint(int(held[i]["image"]["image_id"]) for i in range(2))
+  # The held-out split comes from its own seed, not a copy of train images.
+  assert not np.array_equal(train[0]["image"]["content"], held[0]["image"]["content"])
+  mtime = os.stat(os.path.join(out, "COMPLETE")).st_mtime_ns
+  assert ensure_dataset(d, progress=False) == out                       # reused
+  assert os.stat(os.path.join(out, "COMPLETE")).st_mtime_ns == mtime
+  assert _leftovers(str(tmp_path)) == []
+  d.data_dir = "/somewhere"
+  assert ensure_dataset(d) == "/somewhere"

@@ -36,7 +36,7 @@ def data_config() -> ml_collections.ConfigDict:
       image_size=1024,          # S: square canvas side, a multiple of 32
       min_scale=0.99,
       max_scale=1.01,
-      random_flip="horizontal",  # "horizontal" | "vertical" | "none"
+      random_flip="horizontal",  # "horizontal" | "none" (vertical is not supported)
       image_pad_value=128,      # FixedSizeCrop pad_value
       # FixedSizeCrop seg_pad_value as the reference applies it to SA-1B masks:
       # 255 = every mask includes the crop's pad region (the original's quirk,
