@@ -158,10 +158,14 @@ def test_failure_leaves_nothing_partial(tmp_path, monkeypatch):
   assert len(os.listdir(out / ".parts" / "train")) == 1   # only the finished part
   assert (out / B.BUILDER_NAME / B.VERSION / "dataset_info.json").read_bytes() == info
   assert len(_source(out)[1]) == 3
-  # Once the cause is gone, the same command finishes the build.
+  # Once the cause is gone, the same command finishes the build (and removes
+  # what a killed earlier build of that source left behind).
+  stale = out / ".parts" / "train" / (B.part_key(str(src2), "train", "sa1b") + ".tmp-99999")
+  (stale / "x").mkdir(parents=True)
   monkeypatch.setattr(sa1b, "load_pair", real)
   r = sa1b.build([str(src), str(src2)], str(out), progress=False, log=lambda m: None)
   assert (r.built, r.parts_built, r.parts_reused) == (6, 1, 1)
+  assert not stale.exists() and _leftovers(out) == []
 
 
 def test_multi_source_resume_extend_and_splits(tmp_path):
@@ -241,3 +245,8 @@ def test_default_synthetic_dataset(tmp_path):
   assert _leftovers(str(tmp_path)) == []
   d.data_dir = "/somewhere"
   assert ensure_dataset(d) == "/somewhere"
+
+
+def test_cli_errors(tmp_path, capsys):
+  assert cli.main(["build-sa1b", str(tmp_path / "nope"), "--output", str(tmp_path / "d")]) == 1
+  assert "not a folder" in capsys.readouterr().err
