@@ -186,8 +186,15 @@ def read_image_file(path):
 
 
 def check_rles(annotations: Sequence[dict], height: int, width: int):
-  """Raises ValueError naming the first annotation whose RLE is unusable."""
-  from pycocotools import mask as mask_utils
+  """Raises ValueError naming the first annotation whose RLE is unusable.
+
+  The RLE is parsed by the training pipeline's own decoder
+  (:func:`semsam_jax.data.transforms.rle_intervals`), which rejects invalid
+  characters, negative runs and runs that do not cover exactly
+  ``height * width`` pixels.  (pycocotools' ``decode`` does not: for a short
+  RLE it returns a mask with uninitialised pixels.)
+  """
+  from semsam_jax.data.transforms import rle_intervals
   for k, a in enumerate(annotations):
     seg = a.get("segmentation") if isinstance(a, dict) else None
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
@@ -196,14 +203,13 @@ def check_rles(annotations: Sequence[dict], height: int, width: int):
     if size != [height, width]:
       raise ValueError(f"annotation {k}: RLE size {size} != image size [{height}, {width}]")
     counts = seg["counts"]
-    if isinstance(counts, str):
-      counts = counts.encode("ascii")
+    if not isinstance(counts, (str, bytes)):
+      raise ValueError(f"annotation {k}: RLE counts is a {type(counts).__name__}, "
+                       "not a compressed RLE string")
     try:
-      m = mask_utils.decode({"size": size, "counts": counts})
-    except Exception as e:  # pycocotools raises ValueError / TypeError
+      rle_intervals(counts, height, width)
+    except (ValueError, UnicodeEncodeError) as e:
       raise ValueError(f"annotation {k}: RLE does not decode ({e})") from None
-    if m.shape != (height, width):
-      raise ValueError(f"annotation {k}: RLE decodes to {m.shape}")
 
 
 # ----------------------------------------------------------------------------
@@ -228,9 +234,9 @@ def build_part(data_dir: str, split: str, key: str, source: str,
                progress: bool = True, log=print) -> tuple[bool, int, list]:
   """Builds one source into a part unless it exists; returns (built_now, n, skipped).
 
-  ``items``: picklable work items; ``load(item)`` -> ``(key, example)`` or
-  raises ``SkipExample`` (its message is reported); runs in ``num_workers``
-  processes.
+  ``items``: picklable work items; ``load(item)`` -> ``(key, example)``, or a
+  :class:`Skipped` (reported and left out); runs in ``num_workers``
+  processes.  Any exception aborts the part and leaves nothing of it.
   """
   root = _part_root(data_dir, split, key)
   info_path = os.path.join(root, "part.json")
@@ -238,13 +244,16 @@ def build_part(data_dir: str, split: str, key: str, source: str,
     with open(info_path) as f:
       info = json.load(f)
     return False, info["built"], [Skipped(**s) for s in info["skipped"]]
+  import glob
+  for stale in glob.glob(f"{glob.escape(root)}.tmp-*"):  # of a killed earlier build
+    shutil.rmtree(stale, ignore_errors=True)
   tmp_root = f"{root}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp_root, ignore_errors=True)
   os.makedirs(tmp_root)
   skipped: list[Skipped] = []
   from tqdm import tqdm
 
   yielded = [0]
+  finished = [False]
 
   def examples():
     bar = tqdm(total=len(items), desc=f"{split} <- {os.path.basename(source.rstrip('/'))}",
@@ -258,8 +267,11 @@ def build_part(data_dir: str, split: str, key: str, source: str,
       yielded[0] += 1
       yield res
     bar.close()
+    finished[0] = True
 
   tfds = _tfds()
+  if not progress:
+    tfds.disable_progress_bar()
   cls = builder_class()
   try:
     builder = cls(examples=examples, split=split, data_dir=tmp_root,
@@ -267,12 +279,12 @@ def build_part(data_dir: str, split: str, key: str, source: str,
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=tmp_root, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     n = builder.info.splits[split].num_examples if split in builder.info.splits else 0
-  except Exception:
-    if yielded[0]:
-      shutil.rmtree(tmp_root, ignore_errors=True)
-      raise
-    # No valid example in this source: a part without a dataset.
+  except BaseException:
     shutil.rmtree(tmp_root, ignore_errors=True)
+    if yielded[0] or not finished[0]:
+      raise  # a real failure: nothing of this part is left
+    # Every input of this source was skipped (TFDS refuses an empty split):
+    # the part is finished, without a dataset.
     os.makedirs(tmp_root)
     n = 0
   with open(os.path.join(tmp_root, "part.json"), "w") as f:
@@ -310,6 +322,23 @@ def assemble(data_dir: str, log=print) -> str:
   final = _dataset_dir(data_dir)
   tmp = tempfile.mkdtemp(prefix=".assemble-", dir=os.path.dirname(final)
                          if os.path.isdir(os.path.dirname(final)) else _mk(os.path.dirname(final)))
+  try:
+    template = _assemble_into(tmp, splits, tfds, data_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(final):
+    old = f"{final}.old-{os.getpid()}"
+    os.replace(final, old)
+  os.replace(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+  return final
+
+
+def _assemble_into(tmp, splits, tfds, data_dir):
+  """Links the shards of every part into ``tmp`` and writes its dataset_info."""
   template = None
   split_infos = []
   for split, parts in splits.items():
@@ -341,7 +370,6 @@ def assemble(data_dir: str, log=print) -> str:
               data_dir=tmp, dataset_name=BUILDER_NAME, split=split,
               filetype_suffix="array_record")))
   if template is None:
-    shutil.rmtree(tmp, ignore_errors=True)
     raise ValueError(f"{data_dir}: nothing was built (no valid example in the sources)")
   base = tfds.builder_from_directory(template)
   info = base.info
@@ -350,14 +378,7 @@ def assemble(data_dir: str, log=print) -> str:
   for extra in ("features.json",):
     if os.path.exists(os.path.join(template, extra)) and not os.path.exists(os.path.join(tmp, extra)):
       shutil.copyfile(os.path.join(template, extra), os.path.join(tmp, extra))
-  old = None
-  if os.path.exists(final):
-    old = f"{final}.old-{os.getpid()}"
-    os.replace(final, old)
-  os.replace(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-  return final
+  return template
 
 
 def _mk(path):

@@ -66,9 +66,12 @@ def coco_segmentation_to_rle(seg, height: int, width: int) -> dict:
         raise ValueError("uncompressed RLE does not cover the image")
       return mask_utils.frPyObjects(seg, height, width)
     counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
-    rle = {"size": size, "counts": counts}
-    mask_utils.decode(rle)  # raises on garbage
-    return rle
+    from semsam_jax.data.transforms import rle_intervals
+    try:
+      rle_intervals(counts, height, width)  # pycocotools' decode accepts short RLEs
+    except (ValueError, UnicodeEncodeError) as e:
+      raise ValueError(f"RLE does not decode ({e})") from None
+    return {"size": size, "counts": counts}
   raise ValueError(f"unknown segmentation of type {type(seg).__name__}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -222,13 +223,21 @@ class _PrepareFn:
   def __init__(self, data_dir, split, seed, opt):
     self.data_dir, self.split, self.seed, self.opt = data_dir, split, int(seed), opt
     self._src = None
+    self._lock = threading.Lock()
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_src"} | {"_src": None}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_src", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._src = None
+    self._lock = threading.Lock()
 
   def __call__(self, item):
     if self._src is None:
-      self._src = raw_source(self.data_dir, self.split)
+      with self._lock:  # grain calls this from several reader threads
+        if self._src is None:
+          self._src = raw_source(self.data_dir, self.split)
     epoch, index = (int(v) for v in item)
     if index < 0:
       return empty_example(self.opt)
@@ -244,11 +253,12 @@ def _stack(items):
 
 def _shard(process_index, process_count):
   import grain
-  import jax
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count is None:
-    process_count = jax.process_count()
+  if process_index is None and process_count is None:
+    return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if process_index is None or process_count is None:
+    raise ValueError("give both process_index and process_count, or neither")
+  if not 0 <= int(process_index) < int(process_count):
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   return grain.sharding.ShardOptions(shard_index=int(process_index),
                                      shard_count=int(process_count), drop_remainder=True)
 
@@ -290,9 +300,18 @@ def make_train_loader(config, *, process_index: int | None = None,
   n_mine = len(mine)
   ds = ds.map_with_index(lambda g, local: (g // n_mine, int(mine[local % n_mine])))
   ds = ds.map(_PrepareFn(data_dir, split, seed, opt))
-  it = ds.to_iter_dataset().batch(per_host, drop_remainder=True, batch_fn=_stack)
+  # Batch before the workers: each batch is made whole by one worker, so the
+  # stream of batches does not depend on the worker count.
+  ds = ds.batch(per_host, drop_remainder=True, batch_fn=_stack)
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(d.get("read_threads", 1)),
+      prefetch_buffer_size=int(d.get("read_prefetch", 2))))
   workers = int(d.get("worker_count", 0))
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags (their defaults outside an absl app).
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=int(d.get("worker_buffer_size", 2))))
   return it

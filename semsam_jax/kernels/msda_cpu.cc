@@ -272,10 +272,8 @@ inline void SampleQueryHead16(Channels<kD>& acc, const Dims& k, const LaneLevels
     ly[i] = loc[2 * i + 1];
   }
   const F16 wf = Load16(ll.wf.data()), hf = Load16(ll.hf.data());
-  I16 wi, hi, st;
-  std::memcpy(&wi, ll.w.data(), sizeof(wi));
-  std::memcpy(&hi, ll.h.data(), sizeof(hi));
-  std::memcpy(&st, ll.start.data(), sizeof(st));
+  const I16 wi = LoadI16(ll.w.data()), hi = LoadI16(ll.h.data());
+  const I16 st = LoadI16(ll.start.data());
   const F16 half = F16{} + 0.5f, one = F16{} + 1.0f, zero = F16{};
   const I16 izero = I16{}, ione = I16{} + 1;
   const F16 x = Load16(lx) * wf - half;
@@ -300,10 +298,10 @@ inline void SampleQueryHead16(Channels<kD>& acc, const Dims& k, const LaneLevels
   Store16(w[1], w01);
   Store16(w[2], w10);
   Store16(w[3], w11);
-  std::memcpy(r[0], &r00, sizeof(r00));
-  std::memcpy(r[1], &r01, sizeof(r01));
-  std::memcpy(r[2], &r10, sizeof(r10));
-  std::memcpy(r[3], &r11, sizeof(r11));
+  StoreI16(r[0], r00);
+  StoreI16(r[1], r01);
+  StoreI16(r[2], r10);
+  StoreI16(r[3], r11);
   acc.Zero(k.d);
   for (int i = 0; i < 16; ++i) {
     const float* rows[4] = {vm + r[0][i], vm + r[1][i], vm + r[2][i], vm + r[3][i]};
