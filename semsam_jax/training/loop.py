@@ -69,6 +69,12 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
+def _barrier(name: str, timeout_s: int = 1800):
+  """All processes meet here (the coordination service; no device collective)."""
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def _host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -219,6 +225,11 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
           jax.profiler.start_trace(str(workdir / "profile"))
         batch = state_lib.global_batch(local, batch_sh, int(config.batch_size))
         lr = np.float32(float(config.optim.base_lr) * optim.lr_factor(step, config.optim))
+        if step == start and jax.process_count() > 1:
+          # Compile first, then meet: gloo's first collective times out when one
+          # process is still compiling (seen on a loaded 2-core machine).
+          jitted = jitted.lower(state, batch, lr).compile()
+          _barrier("semsam-train-first-step")
         state, metrics = jitted(state, batch, lr)
         if prof and step == prof[-1]:
           jax.block_until_ready(state)
