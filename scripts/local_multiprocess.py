@@ -69,6 +69,9 @@ def run(cmd, *, num_processes: int, devices_per_process: int, timeout: float,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            cwd=cwd, start_new_session=True)
       procs.append(p)
+      with lock:
+        out.write(f"[launcher] process {i}: pid {p.pid}\n")
+        out.flush()
       t = threading.Thread(target=_pump, args=(i, p.stdout, out, lock), daemon=True)
       t.start()
       pumps.append(t)

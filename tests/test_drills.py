@@ -142,7 +142,10 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
   a, b = _flat(exported), _flat(params)
   assert a.keys() == b.keys()
   worst = max(_rel(a[key], b[key]) for key in a)
-  assert worst < 1e-5, worst
+  # Measured 1.6e-5 (gloo's reduction order vs one process's, amplified by Adam's
+  # normalisation on small gradients); a wrong data shard or rng gives > 1e-2.
+  print(f"2x4 vs 1x8 after {k + 1} steps: worst per-tensor relative param difference {worst:.2e}")
+  assert worst < 1e-4, worst
 
 
 def _reference_run(config, steps):
