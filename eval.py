@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--dataset", required=True, help="COCO JSON, folder with annotations.json, "
                   "or a semsam_jax.data dataset folder")
   ap.add_argument("--image-dir", help="COCO images (default: images/ beside the JSON, or its folder)")
-  ap.add_argument("--split", default="validation", help="split of a semsam_jax.data dataset")
+  ap.add_argument("--split", default=None,
+                  help="split of a semsam_jax.data dataset (default: the config's "
+                       "data.eval_split, else 'heldout', the synthetic held-out split)")
   ap.add_argument("--output", required=True, help="output folder")
   ap.add_argument("--protocol", choices=("coco_interactive", "multi_granularity", "all"),
                   default="all")
@@ -86,6 +88,16 @@ def _load_config_file(path: str):
   if not hasattr(module, "get_config"):
     raise EvalError(f"config {path} has no get_config()")
   return module.get_config()
+
+
+def _default_split(config_path) -> str:
+  """``config.data.eval_split`` of ``--config`` when it has a data section."""
+  if config_path:
+    cfg = _load_config_file(config_path)
+    data = cfg.get("data") if hasattr(cfg, "get") else None
+    if data is not None and data.get("eval_split"):
+      return str(data.eval_split)
+  return "heldout"
 
 
 def load_model(args):
@@ -142,13 +154,12 @@ def run(args) -> dict:
   min_size = default_min if args.min_size is None else args.min_size
   max_size = default_max if args.max_size is None else args.max_size
   out_dir = pathlib.Path(args.output)
-  try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise EvalError(f"cannot create output folder {out_dir}: {e}") from None
+  if out_dir.exists() and not out_dir.is_dir():
+    raise EvalError(f"--output {out_dir} exists and is not a folder")
 
   t0 = time.time()
   config, params = load_model(args)
+  split = args.split or _default_split(args.config)
   opts = ev.EvalOptions(protocols=protocols, click_method=args.click, batch_size=args.batch_size,
                         mg_max_clicks=args.mg_max_clicks, seed=args.seed, progress=args.progress)
   skipped = ev.SkipLog()
@@ -159,9 +170,9 @@ def run(args) -> dict:
     source = {"format": "coco", "annotation_file": str(where["annotation_file"]),
               "image_dir": str(image_dir)}
   else:
-    images = ev.iter_semsam_data(where["data_dir"], args.split, args.num_images, min_size,
+    images = ev.iter_semsam_data(where["data_dir"], split, args.num_images, min_size,
                                  max_size, skipped)
-    source = {"format": "semsam_data", "data_dir": str(where["data_dir"]), "split": args.split}
+    source = {"format": "semsam_data", "data_dir": str(where["data_dir"]), "split": split}
   precision = (contextlib.nullcontext() if args.precision == "default"
                else jax.default_matmul_precision(args.precision))
   evaluator = ev.Evaluator(config, params, opts)
@@ -182,6 +193,10 @@ def run(args) -> dict:
       "skipped": {"counts": skipped.counts(), "entries": skipped.entries},
       "seconds": round(elapsed, 1),
   }
+  try:            # created only now: a failed run leaves no empty folder behind
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise EvalError(f"cannot create output folder {out_dir}: {e}") from None
   _atomic_write(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
   _atomic_write(out_dir / "metrics.md", table + "\n")
   if "coco_interactive" in protocols:

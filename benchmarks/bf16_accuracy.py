@@ -66,7 +66,7 @@ def golden_rows(golden: pathlib.Path, rows: list, max_cases: int | None = None) 
       for dtype in ("float32", "bfloat16"):
         cfg = config.copy_and_resolve_references()
         cfg.dtype = dtype
-        fwd = ss.forward_fn(cfg, levels=levels, return_aux=False)
+        fwd = ss.forward_fn(cfg, tokens=levels, return_aux=False)
         with jax.default_matmul_precision("highest"):
           out = fwd(params, jnp.asarray(data["image_u8"]), jnp.asarray(data["points"]),
                     bool(data["prompt_is_box"]))

@@ -160,6 +160,13 @@ def test_point_grid_crop_boxes_and_argument_errors():
   p = PlantedPredictor({})
   with pytest.raises(ValueError, match="levels are 1..6"):
     SemanticSAMAutomaticMaskGenerator(p, levels=(0,))
+  # tokens= (decoder tokens 0..5) as in SemanticSAMPredictor.predict.
+  g = SemanticSAMAutomaticMaskGenerator(p, tokens=(3, 5))
+  assert g.levels == (1, 6) and g.tokens == (3, 5)
+  with pytest.raises(ValueError, match="tokens are 0..5"):
+    SemanticSAMAutomaticMaskGenerator(p, tokens=(6,))
+  with pytest.raises(ValueError, match="not both"):
+    SemanticSAMAutomaticMaskGenerator(p, levels=(2,), tokens=(3,))
   with pytest.raises(ValueError, match="output_mode"):
     SemanticSAMAutomaticMaskGenerator(p, output_mode="png")
   with pytest.raises(ValueError, match="exactly one"):
@@ -210,7 +217,9 @@ def test_crop_layers_uncrop_filter_edges_and_prefer_small_crops():
   gen = SemanticSAMAutomaticMaskGenerator(pred, points_per_side=4, points_per_batch=16,
                                           crop_n_layers=1, levels=(1,), progress=False)
   records = gen.generate(image)
-  assert [c[0] for c in pred.crops] == [(0, 0), (0, 0), (22, 0), (0, 22), (22, 22)]
+  # The crops are embedded first and the whole image last (it stays set).
+  assert [c[0] for c in pred.crops] == [(0, 0), (22, 0), (0, 22), (22, 22), (0, 0)]
+  assert pred.crops[-1][1] == (64, 64)
   by_box = {tuple(r["bbox"]): r for r in records}
   assert set(by_box) == {(5.0, 5.0, 10.0, 10.0), (10.0, 30.0, 45.0, 10.0)}
   r_small = by_box[(5.0, 5.0, 10.0, 10.0)]
@@ -249,7 +258,7 @@ def test_real_model_every_batch_honours_levels(tiny_predictor):
   for start in range(0, 16, 6):  # 3 batches of 6 points, the last padded
     pts = grid[start:start + 6]
     pred.set_image(img)
-    res = pred.predict(points=pts, levels=(2, 1), coords="relative")
+    res = pred.predict(points=pts, levels=(2, 5), coords="relative")
     for i, p in enumerate(pts):
       for j, level in enumerate((2, 5)):
         rec = [r for r in records if r["level"] == level and
@@ -277,6 +286,12 @@ def test_real_model_crop_layers_run(tiny_predictor):
   img = np.random.default_rng(1).integers(0, 255, (60, 90, 3), np.uint8)
   records = gen.generate(img)
   assert pred.embedding_calls == 5     # the image and its 4 crops
+  # The predictor is left on the whole image (crops first, the image last):
+  # a following predict() equals one on a freshly set image.
+  assert pred.image_size == (60, 90)
+  after = pred.predict(points=[[70, 10]], levels=(2,))
+  pred.set_image(img)
+  np.testing.assert_array_equal(after.logits, pred.predict(points=[[70, 10]], levels=(2,)).logits)
   assert records and {r["level"] for r in records} <= {2, 5}
   for r in records:
     x, y, w, h = r["crop_box"]

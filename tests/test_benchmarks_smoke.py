@@ -42,3 +42,13 @@ def test_profile_script_runs():
   # the profile attributes the time to model parts, matrix products among them
   assert any("backbone" in l and "dot_general" in l for l in lines), r.stdout
   assert any(l.startswith("| dot_general ") for l in lines), r.stdout
+
+
+def test_data_benchmark_runs(tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "data.py"), "--small",
+                      "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith("|")]
+  assert "images/s per core" in lines[0] and len(lines) == 3, r.stdout
+  assert "masks per image mean" in r.stdout and "in-process breakdown" in r.stdout

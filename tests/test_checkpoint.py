@@ -164,3 +164,36 @@ def test_restore_onto_shardings(tmp_path, mesh):
   del tree["predictor"]["lang_mapper"]
   with pytest.raises(ValueError, match="lang_mapper"):
     load_checkpoint(out, sharding=tree)
+
+
+# The failed restore's abandoned orbax coroutines are collected later.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_validate_config_against_params_and_damaged_data(tmp_path):
+  """load_checkpoint(validate=True) names config fields missing from
+  config.json and parameters whose shapes the config does not produce;
+  a damaged parameter file is one clean line (no TensorStore spec dump)."""
+  out = save_checkpoint(tmp_path / "ck", _params(), _config())
+  load_checkpoint(out)  # without validation the toy params load
+  with pytest.raises(CheckpointError, match="config.json does not match the parameters") as e:
+    load_checkpoint(out, validate=True)
+  msg = str(e.value)
+  # The toy tree lacks almost everything SwinT has, and has a small patch embedding.
+  assert "missing" in msg and "more)" in msg and "\n" not in msg
+  cfg = json.loads((out / ckpt.CONFIG_FILE).read_text())
+  del cfg["decoder"]["hidden_dim"], cfg["backbone"]["window_size"]
+  (out / ckpt.CONFIG_FILE).write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match="lacks field.*backbone.window_size, "
+                                            "decoder.hidden_dim"):
+    load_checkpoint(out, validate=True)
+
+  out = save_checkpoint(tmp_path / "ck2", _params(), _config())
+  data = [os.path.join(r, f) for r, _, fs in os.walk(out / ckpt.PARAMS_DIR)
+          if os.path.basename(r) == "d" and "ocdbt.process_0" in r for f in fs]
+  assert data, "expected orbax OCDBT data files"
+  for f in data:
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  with pytest.raises(CheckpointError, match="cannot restore the parameters") as e:
+    load_checkpoint(out)
+  assert "\n" not in str(e.value) and "TensorStore(" not in str(e.value)
+  assert len(str(e.value)) < 500

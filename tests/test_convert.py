@@ -186,7 +186,10 @@ def test_shape_mismatch_names_key_and_both_shapes(tiny, tmp_path):
   bad_shape = str((good[0] + 1,) + good[1:])
   want = str(tuple(good[2:]) + (good[1], good[0]))  # HWIO
   assert bad_shape in msg and want in msg
-  assert "pixel_decoder/mask_features/kernel" in err.missing  # nothing filled silently
+  # Reported once, as mis-shaped (not also as missing); nothing is filled.
+  assert "pixel_decoder/mask_features/kernel" not in err.missing and not err.missing
+  assert sum("mask_features" in line for line in msg.splitlines()) == 1
+  assert "missing" not in msg
 
 
 def test_unexpected_key_is_named(tiny, tmp_path):
@@ -294,17 +297,26 @@ def test_cli_errors_are_short(tiny, tmp_path):
   r = _run_cli("--torch-checkpoint", d / "model.pth", "--config", REPO / "configs/semsam_swint.py",
                "--output", tmp_path / "ck")
   assert r.returncode == 1
-  assert "ConversionError" in r.stderr and "parameter(s) missing" in r.stderr
+  # Formatted like the main CLI (``error: <file>: ...``, no exception class).
+  assert r.stderr.startswith(f"error: {d / 'model.pth'}: checkpoint does not match")
+  assert "ConversionError" not in r.stderr and "parameter(s) missing" in r.stderr
   assert "more lines)" in r.stderr and "hint:" in r.stderr  # long lists are cut
   assert len(r.stderr.splitlines()) < 50
   assert "Traceback" not in r.stderr and not (tmp_path / "ck").exists()
   r = _run_cli("--torch-checkpoint", tmp_path / "missing.pth", "--reference-config",
                d / "config.yaml", "--output", tmp_path / "ck")
-  assert r.returncode == 1 and "checkpoint not found" in r.stderr
-  assert "Traceback" not in r.stderr
+  assert r.returncode == 1 and r.stderr == f"error: file not found: {tmp_path / 'missing.pth'}\n"
+  (tmp_path / "junk.pth").write_bytes(b"junk")
+  r = _run_cli("--torch-checkpoint", tmp_path / "junk.pth", "--reference-config",
+               d / "config.yaml", "--output", tmp_path / "ck")
+  assert r.returncode == 1 and r.stderr.startswith(f"error: {tmp_path / 'junk.pth'}: ")
+  assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+  assert not (tmp_path / "ck").exists()
 
 
 def test_cli_help():
+  r = _run_cli("--version")
+  assert r.returncode == 0 and r.stdout.startswith("semsam_jax ")
   r = _run_cli("--help")
   assert r.returncode == 0
   for opt in ("--torch-checkpoint", "--reference-config", "--config", "--output", "--overwrite"):

@@ -158,10 +158,14 @@ def test_failure_leaves_nothing_partial(tmp_path, monkeypatch):
   assert len(os.listdir(out / ".parts" / "train")) == 1   # only the finished part
   assert (out / B.BUILDER_NAME / B.VERSION / "dataset_info.json").read_bytes() == info
   assert len(_source(out)[1]) == 3
-  # Once the cause is gone, the same command finishes the build.
+  # Once the cause is gone, the same command finishes the build (and removes
+  # what a killed earlier build of that source left behind).
+  stale = out / ".parts" / "train" / (B.part_key(str(src2), "train", "sa1b") + ".tmp-99999")
+  (stale / "x").mkdir(parents=True)
   monkeypatch.setattr(sa1b, "load_pair", real)
   r = sa1b.build([str(src), str(src2)], str(out), progress=False, log=lambda m: None)
   assert (r.built, r.parts_built, r.parts_reused) == (6, 1, 1)
+  assert not stale.exists() and _leftovers(out) == []
 
 
 def test_multi_source_resume_extend_and_splits(tmp_path):
@@ -219,3 +223,30 @@ def test_source_with_only_damaged_files(tmp_path):
     sa1b.build([str(d)], str(out), progress=False, log=lambda m: None)
   assert not (out / B.BUILDER_NAME / B.VERSION).exists()
   assert _leftovers(out) == []
+
+
+def test_default_synthetic_dataset(tmp_path):
+  from semsam_jax.data import data_config, ensure_dataset
+  d = data_config()
+  d.synthetic.update(dict(cache_dir=str(tmp_path), num_train_images=3, num_heldout_images=2,
+                          image_size=32))
+  out = ensure_dataset(d, progress=False)
+  assert os.path.dirname(out) == str(tmp_path) and os.path.exists(os.path.join(out, "COMPLETE"))
+  b = tfds.builder_from_directory(os.path.join(out, B.BUILDER_NAME, B.VERSION))
+  assert {s: b.info.splits[s].num_examples for s in b.info.splits} == {"train": 3, "heldout": 2}
+  train, held = b.as_data_source("train"), b.as_data_source("heldout")
+  ids = {int(train[i]["image"]["image_id"]) for i in range(3)}
+  assert ids.isdisjoint(int(held[i]["image"]["image_id"]) for i in range(2))
+  # The held-out split comes from its own seed, not a copy of train images.
+  assert not np.array_equal(train[0]["image"]["content"], held[0]["image"]["content"])
+  mtime = os.stat(os.path.join(out, "COMPLETE")).st_mtime_ns
+  assert ensure_dataset(d, progress=False) == out                       # reused
+  assert os.stat(os.path.join(out, "COMPLETE")).st_mtime_ns == mtime
+  assert _leftovers(str(tmp_path)) == []
+  d.data_dir = "/somewhere"
+  assert ensure_dataset(d) == "/somewhere"
+
+
+def test_cli_errors(tmp_path, capsys):
+  assert cli.main(["build-sa1b", str(tmp_path / "nope"), "--output", str(tmp_path / "d")]) == 1
+  assert "not a folder" in capsys.readouterr().err

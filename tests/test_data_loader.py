@@ -131,3 +131,15 @@ def test_worker_processes_give_the_same_batches(data_dir):
                                process_count=1))
   it2.set_state(state)
   _same(_take(it2, 2), ref[2:])
+
+
+def test_show_writes_a_picture(data_dir, tmp_path, capsys):
+  from PIL import Image
+  from semsam_jax.data import __main__ as cli
+  out = tmp_path / "x.png"
+  assert cli.main(["show", data_dir, "--index", "1", "--output", str(out), "--image-size", "32",
+                   "--dpi", "40"]) == 0
+  assert "60 prompts" in capsys.readouterr().out
+  with Image.open(out) as im:
+    assert im.size[0] > 100 and im.size[1] > 100
+  assert cli.main(["show", data_dir, "--index", str(N), "--output", str(out)]) == 1

@@ -105,7 +105,7 @@ def test_jitted_forward_matches_final_outputs(case, impl):
   config = config.copy_and_resolve_references()
   config.msda_impl = impl
   levels = tuple(int(l) for l in data["levels"])
-  fwd = ss.forward_fn(config, levels=levels, return_aux=False)
+  fwd = ss.forward_fn(config, tokens=levels, return_aux=False)
   with jax.default_matmul_precision("highest"):
     out = fwd(params, jnp.asarray(data["image_u8"]), jnp.asarray(data["points"]),
               bool(data["prompt_is_box"]))

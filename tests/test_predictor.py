@@ -29,7 +29,7 @@ def test_predict_matches_reference_final_outputs(path):
   with jax.default_matmul_precision("highest"):
     p.set_image(data["image_u8"])
     kw = {"boxes" if bool(data["prompt_is_box"]) else "points": data["points"]}
-    res = p.predict(levels=data["levels"], coords="relative", **kw)
+    res = p.predict(tokens=data["levels"], coords="relative", **kw)
   h, w = data["image_u8"].shape[:2]
   n = len(data["points"])
   assert res.logits.shape == (n, len(data["levels"]), h, w)
@@ -88,7 +88,7 @@ def test_embedding_is_reused_and_nothing_recompiles(tiny_predictor):
   assert p.padded_image_size == (224, 320)
   p.predict(points=[[10, 10]])
   p.predict(points=[[10, 10], [50, 60]])
-  p.predict(boxes=[[10, 10, 50, 60]], levels=[5, 1, 0, 2, 3, 4])
+  p.predict(boxes=[[10, 10, 50, 60]], tokens=[5, 1, 0, 2, 3, 4])
   calls = p.embedding_calls
   with CompileCounter() as cc:
     for i in range(5):
@@ -99,7 +99,7 @@ def test_embedding_is_reused_and_nothing_recompiles(tiny_predictor):
     p.predict(points=[[5, 5]])
     p.predict(points=[[5, 5], [100, 100], [7, 9]], boxes=[[0, 0, 40, 30]])
     # Another selection of the same number of tokens: same compiled decoder.
-    p.predict(points=[[5, 5]], levels=[0, 1, 2, 3, 4, 5])
+    p.predict(points=[[5, 5]], tokens=[0, 1, 2, 3, 4, 5])
   assert p.embedding_calls == calls + 1
   assert cc.count == 0, f"{cc.count} compilation(s) in steady state"
 
@@ -184,8 +184,10 @@ def test_prompt_errors(tiny_predictor):
     p.predict(boxes=[[10, 10, 90, 40]])
   with pytest.raises(ValueError, match="at least one"):
     p.predict()
-  with pytest.raises(ValueError, match="granularity token"):
+  with pytest.raises(ValueError, match="granularity level"):
     p.predict(points=[[1, 1]], levels=[0, 9])
+  with pytest.raises(ValueError, match="granularity token"):
+    p.predict(points=[[1, 1]], tokens=[0, 9])
   with pytest.raises(ValueError, match="empty"):
     p.predict(boxes=[[10, 10, 10, 40]])
   with pytest.raises(ValueError, match="shape"):
@@ -197,3 +199,34 @@ def test_prompt_errors(tiny_predictor):
   fresh = pr.SemanticSAMPredictor(p.config, p.params)
   with pytest.raises(RuntimeError, match="set_image"):
     fresh.predict(points=[[1, 1]])
+
+
+def test_levels_and_tokens_keywords(tiny_predictor):
+  """levels= takes the user levels 1..6 (as the CLI and the generator),
+  tokens= the decoder tokens 0..5; each rejects the other's range clearly."""
+  from semsam_jax.models import semantic_sam as ss
+  p = tiny_predictor
+  p.set_image(np.random.default_rng(4).integers(0, 255, (40, 50, 3), np.uint8))
+  by_token = p.predict(points=[[20, 10]], tokens=[3, 5, 0])   # levels 1, 6, 3
+  by_level = p.predict(points=[[20, 10]], levels=[1, 6, 3])
+  np.testing.assert_array_equal(by_level.logits, by_token.logits)
+  assert by_level.levels == by_token.levels == (1, 6, 3)
+  assert by_level.tokens == by_token.tokens == (3, 5, 0)
+  default = p.predict(points=[[20, 10]])
+  assert default.levels == (1, 2, 3, 4, 5, 6) and default.tokens == (3, 2, 0, 4, 1, 5)
+  np.testing.assert_array_equal(default.logits[:, [0, 5, 2]], by_level.logits)
+  with pytest.raises(ValueError, match="levels are 1..6.*tokens="):
+    p.predict(points=[[20, 10]], levels=[0, 1])
+  with pytest.raises(ValueError, match="tokens are 0..5.*levels="):
+    p.predict(points=[[20, 10]], tokens=[6])
+  with pytest.raises(ValueError, match="not both"):
+    p.predict(points=[[20, 10]], levels=[1], tokens=[3])
+  with pytest.raises(ValueError, match="levels are 1..6"):
+    p.predict(points=[[20, 10]], levels=[2.5])
+  with pytest.raises(ValueError, match="tokens are 0..5"):
+    p.decode_points(np.full((1, 2), 0.5), tokens=(7,))
+  # The jitted forward function takes the same two keywords (checked before tracing).
+  with pytest.raises(ValueError, match="levels are 1..6"):
+    ss.forward_fn(p.config, levels=[0])
+  with pytest.raises(ValueError, match="not both"):
+    ss.forward_fn(p.config, levels=[1], tokens=[3])

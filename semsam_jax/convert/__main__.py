@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import pathlib
 import sys
+
+from semsam_jax import _cli
 
 MAX_ERROR_LINES = 40
 
@@ -28,11 +31,13 @@ def _load_py_config(path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from semsam_jax import __version__
   parser = argparse.ArgumentParser(
       prog="python -m semsam_jax.convert",
       description="Convert an original PyTorch Semantic-SAM checkpoint (.pth) into a "
                   "semsam_jax checkpoint directory (orbax params + config.json). "
                   "No torch installation is needed.")
+  parser.add_argument("--version", action="version", version=f"semsam_jax {__version__}")
   parser.add_argument("--torch-checkpoint", required=True, metavar="PTH",
                       help="the PyTorch checkpoint (zip or legacy torch.save format, e.g. "
                            "swint_only_sam_many2many.pth)")
@@ -51,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _message(e: BaseException, args) -> str:
+  """``error: ...`` text like the main CLI's, naming the file concerned."""
+  name = type(e).__name__
+  msg = str(e)
+  if isinstance(e, FileNotFoundError) and e.filename:
+    msg = f"file not found: {e.filename}"
+  if name == "ConversionError":
+    msg = f"{args.torch_checkpoint}: {msg}"
+  elif isinstance(e, MemoryError):
+    msg = f"out of memory while converting {args.torch_checkpoint}"
+  elif not isinstance(e, (FileNotFoundError, FileExistsError)):
+    files = [str(f) for f in [args.torch_checkpoint, args.config]
+             + list(args.reference_config or []) if f]
+    if not any(f in msg for f in files):
+      msg = f"{args.torch_checkpoint}: {msg}"
+  return msg
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
@@ -60,6 +83,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.output)
     if out.exists() and not args.overwrite:
       raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    for f in [args.torch_checkpoint, args.config] + list(args.reference_config or []):
+      if f and not os.path.isfile(f):
+        raise FileNotFoundError(f"file not found: {f}")
     if args.reference_config:
       ref = args.reference_config[0] if len(args.reference_config) == 1 else args.reference_config
       config, params = convert_checkpoint(args.torch_checkpoint, reference_config=ref)
@@ -72,15 +98,12 @@ def main(argv=None) -> int:
     path = save_checkpoint(out, params, config, overwrite=args.overwrite)
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
-    return 130
+    return _cli.EXIT_INTERRUPTED
   except Exception as e:  # report the message, not a traceback
-    lines = f"error: {type(e).__name__}: {e}".splitlines()
-    if len(lines) > MAX_ERROR_LINES:
-      lines = lines[:MAX_ERROR_LINES] + [f"  ... ({len(lines) - MAX_ERROR_LINES} more lines)"]
+    print(_cli.error_lines(_message(e, args), MAX_ERROR_LINES), file=sys.stderr)
     if type(e).__name__ == "ConversionError":
-      lines.append("hint: does the config (--reference-config / --config) describe the "
-                   "architecture of this checkpoint?")
-    print("\n".join(lines), file=sys.stderr)
+      print("hint: does the config (--reference-config / --config) describe the "
+            "architecture of this checkpoint?", file=sys.stderr)
     return 1
   b = config.backbone
   print(f"converted {args.torch_checkpoint}")
@@ -92,4 +115,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  _cli.exit_on_interrupt()
   sys.exit(main())

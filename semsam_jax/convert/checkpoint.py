@@ -207,7 +207,110 @@ def _check_dir(directory) -> pathlib.Path:
   return directory
 
 
-def load_checkpoint(directory, sharding: ShardingSpec = None):
+def _flat_keys(d, prefix=()):
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      yield from _flat_keys(v, prefix + (k,))
+    else:
+      yield prefix + (k,)
+
+
+def validate_config(config, meta_flat: Mapping[tuple, Any], where: str = "checkpoint") -> None:
+  """Checks a checkpoint's config against our schema and its parameters.
+
+  Every field of :func:`semsam_jax.config.model_config` must be present, and
+  the model that the config describes must have exactly the parameter
+  names and shapes of ``meta_flat`` (``{path tuple: obj with .shape}``).
+  Nothing is allocated (``jax.eval_shape``).
+
+  Raises:
+    CheckpointError: naming the missing fields or the first mismatched
+      parameters with both shapes.
+  """
+  from semsam_jax.config import model_config
+  have = set(_flat_keys(config.to_dict()))
+  missing = sorted(".".join(k) for k in _flat_keys(model_config().to_dict()) if k not in have)
+  if missing:
+    raise CheckpointError(f"{where}: config.json lacks field(s) {', '.join(missing[:8])}"
+                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+  from semsam_jax.models import semantic_sam as ss
+  try:
+    shapes = traverse_util.flatten_dict(dict(ss.param_shapes(config)))
+  except Exception as e:  # a value of the wrong type or an inconsistent combination
+    msg = " ".join(str(e).split())[:300]
+    raise CheckpointError(f"{where}: config.json does not describe a valid model "
+                          f"({type(e).__name__}: {msg})") from None
+  want = {k: tuple(v.shape) for k, v in shapes.items()}
+  got = {tuple(k): tuple(m.shape) for k, m in meta_flat.items()}
+  problems = [f"{'/'.join(k)} missing" for k in want if k not in got]
+  problems += [f"{'/'.join(k)} unexpected" for k in got if k not in want]
+  problems += [f"{'/'.join(k)}: params {got[k]}, config {want[k]}" for k in want
+               if k in got and got[k] != want[k]]
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise CheckpointError(f"{where}: config.json does not match the parameters: "
+                          f"{'; '.join(problems[:3])}{more}")
+
+
+def _quiet_orbax():
+  """Silences orbax / absl log records while restoring (a failed restore
+  logs tracebacks of its background threads; the error is raised anyway)."""
+  import contextlib
+  import logging
+
+  @contextlib.contextmanager
+  def quiet():
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio", "jax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+      lg.setLevel(logging.CRITICAL)
+    try:
+      yield
+    finally:
+      for lg, lv in zip(loggers, levels):
+        lg.setLevel(lv)
+
+  return quiet()
+
+
+class _HeldStderr:
+  """Holds what is written to ``sys.stderr`` while restoring.  A failed orbax
+  restore leaves TensorStore reads in flight whose callbacks then print
+  hundreds of lines of "Event loop is closed" tracebacks from background
+  threads; on failure those are dropped (after they settle, up to ~3 s), on
+  success anything held is passed on."""
+
+  def __enter__(self):
+    import io
+    import sys
+    self._sys, self._real, self.buf = sys, sys.stderr, io.StringIO()
+    sys.stderr = self.buf
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    import time
+    if exc_type is not None:
+      size, deadline = -1, time.monotonic() + 3.0
+      while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = len(self.buf.getvalue())
+        if now == size:
+          break
+        size = now
+    self._sys.stderr = self._real
+    if exc_type is None and self.buf.getvalue():
+      self._real.write(self.buf.getvalue())
+    return False
+
+
+def _short(e: BaseException) -> str:
+  """The first line of an orbax / TensorStore error, without the spec dump."""
+  text = " ".join(str(e).split("\n", 1)[0].split())
+  text = text.split(" See full TensorStore")[0].rstrip(".")
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def load_checkpoint(directory, sharding: ShardingSpec = None, *, validate: bool = False):
   """Restores ``(config, params)`` written by :func:`save_checkpoint`.
 
   Args:
@@ -216,6 +319,8 @@ def load_checkpoint(directory, sharding: ShardingSpec = None):
       ``jax.sharding.Sharding`` for every array, a pytree of Shardings with
       the params' structure, or a callable ``(path: tuple[str, ...],
       jax.ShapeDtypeStruct) -> Sharding``.
+    validate: check ``config.json`` against the model schema and the stored
+      parameter shapes before restoring (:func:`validate_config`).
 
   Returns:
     ``(config, params)``: the ``model`` ConfigDict and a nested dict of
@@ -226,23 +331,28 @@ def load_checkpoint(directory, sharding: ShardingSpec = None):
   ocp, ckptr = _checkpointer()
   params_dir = directory / PARAMS_DIR
   try:
-    metadata = ckptr.metadata(params_dir)
+    with _quiet_orbax():
+      metadata = ckptr.metadata(params_dir)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     meta_flat = traverse_util.flatten_dict(dict(tree))
   except Exception as e:  # orbax raises a variety of errors for broken dirs
     raise CheckpointError(f"{params_dir}: cannot read the orbax checkpoint metadata "
-                          f"({type(e).__name__}: {e})") from e
+                          f"({_short(e)})") from None
   if not meta_flat or not all(hasattr(m, "shape") and hasattr(m, "dtype")
                               for m in meta_flat.values()):
     raise CheckpointError(f"{params_dir}: checkpoint metadata lists no arrays")
+  if validate:
+    validate_config(config, meta_flat, where=str(directory))
   shardings = _resolve_shardings(meta_flat, sharding)
   target = traverse_util.unflatten_dict({
       k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=shardings[k])
       for k, m in meta_flat.items()})
   try:
-    params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(target))
+    with _quiet_orbax(), _HeldStderr():
+      params = ckptr.restore(params_dir, args=ocp.args.StandardRestore(target))
   except Exception as e:
     raise CheckpointError(f"{params_dir}: cannot restore the parameters "
-                          f"({type(e).__name__}: {e})") from e
+                          f"({_short(e)}); the checkpoint is damaged: convert it "
+                          "again") from None
   return config, params

@@ -160,6 +160,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Any,
 
   out: dict[tuple, np.ndarray] = {}
   unexpected, mismatched, errors = [], [], []
+  mismatched_paths = set()
   for nk, entries in groups.items():
     first_key, value = entries[0]
     for other_key, other in entries[1:]:
@@ -178,10 +179,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Any,
     if tuple(leaf_value.shape) != tuple(want.shape):
       mismatched.append(f"{first_key}: checkpoint {tuple(value.shape)} -> "
                         f"{'/'.join(path)} expects {tuple(want.shape)}")
+      mismatched_paths.add(path)
       continue
     out[path] = np.asarray(leaf_value, dtype=np.dtype(want.dtype))
 
-  missing = ["/".join(p) for p in target_flat if p not in out]
+  # A mis-shaped tensor is reported once, as mis-shaped, not also as missing.
+  missing = ["/".join(p) for p in target_flat if p not in out and p not in mismatched_paths]
   if missing or unexpected or mismatched or errors:
     lines = []
     if missing:

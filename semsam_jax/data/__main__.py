@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image-size", type=int, nargs="+", default=[256], metavar="N",
                  help="side of the square images, or HEIGHT WIDTH (default 256)")
   p.add_argument("--objects", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
-                 help="objects per image (default 3 6: ~25-50 masks; 20 24: ~100-150)")
+                 help="objects per image (default 3 6: ~25-50 masks; 20 24: 73-147, mean 107, at 1500x2250)")
   p.add_argument("--image-id-offset", type=int, default=0,
                  help="image ids (and file names sa_<id>) start at offset + 1")
   p.add_argument("--workers", type=int, default=1)
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--clicks", type=int, default=4, help="clicks to draw (default 4)")
   p.add_argument("--mask-pad-value", type=int, choices=(0, 255), default=255,
                  help="255 (reference): masks include the crop's pad region; 0: they do not")
+  p.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
   return ap
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
       from semsam_jax.data import show
       ex = show.show(args.data_dir, args.index, args.output, split=args.split, seed=args.seed,
                      epoch=args.epoch, image_size=args.image_size, num_clicks=args.clicks,
-                     mask_pad_value=args.mask_pad_value)
+                     mask_pad_value=args.mask_pad_value, dpi=args.dpi)
       print(f"wrote {args.output} ({int(ex['mask_valid'].sum())} masks, "
             f"{int(ex['prompt_valid'].sum())} prompts)")
       return 0

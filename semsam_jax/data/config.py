@@ -36,7 +36,7 @@ def data_config() -> ml_collections.ConfigDict:
       image_size=1024,          # S: square canvas side, a multiple of 32
       min_scale=0.99,
       max_scale=1.01,
-      random_flip="horizontal",  # "horizontal" | "vertical" | "none"
+      random_flip="horizontal",  # "horizontal" | "none" (vertical is not supported)
       image_pad_value=128,      # FixedSizeCrop pad_value
       # FixedSizeCrop seg_pad_value as the reference applies it to SA-1B masks:
       # 255 = every mask includes the crop's pad region (the original's quirk,
@@ -49,7 +49,12 @@ def data_config() -> ml_collections.ConfigDict:
       seed=None,                # None -> config.seed
       shuffle=True,
       worker_count=0,           # grain worker processes (0 = in-process)
-      worker_buffer_size=2,
+      worker_buffer_size=2,     # batches buffered per worker
+      # Reader threads per process (in-process, or in each worker) and the
+      # batches they prefetch (grain's defaults, 16 and 500, would hold
+      # hundreds of ~35 MiB examples in memory; see docs/data.md).
+      read_threads=1,
+      read_prefetch=2,
       synthetic=dict(
           cache_dir=None,       # None -> $SEMSAM_DATA_CACHE or ~/.cache/semsam_jax/data
           num_train_images=64,

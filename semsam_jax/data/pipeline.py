@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -222,13 +223,21 @@ class _PrepareFn:
   def __init__(self, data_dir, split, seed, opt):
     self.data_dir, self.split, self.seed, self.opt = data_dir, split, int(seed), opt
     self._src = None
+    self._lock = threading.Lock()
 
   def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_src"} | {"_src": None}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_src", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._src = None
+    self._lock = threading.Lock()
 
   def __call__(self, item):
     if self._src is None:
-      self._src = raw_source(self.data_dir, self.split)
+      with self._lock:  # grain calls this from several reader threads
+        if self._src is None:
+          self._src = raw_source(self.data_dir, self.split)
     epoch, index = (int(v) for v in item)
     if index < 0:
       return empty_example(self.opt)
@@ -294,7 +303,9 @@ def make_train_loader(config, *, process_index: int | None = None,
   # Batch before the workers: each batch is made whole by one worker, so the
   # stream of batches does not depend on the worker count.
   ds = ds.batch(per_host, drop_remainder=True, batch_fn=_stack)
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(d.get("read_threads", 1)),
+      prefetch_buffer_size=int(d.get("read_prefetch", 2))))
   workers = int(d.get("worker_count", 0))
   if workers > 0:
     from absl import flags

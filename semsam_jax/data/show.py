@@ -11,8 +11,14 @@ def _unpack(masks: np.ndarray) -> np.ndarray:
   return np.unpackbits(masks, axis=-1, bitorder="little").astype(bool)
 
 
-def render_example(ex: dict, num_clicks: int = 4, title: str = "", seed: int = 0):
-  """A matplotlib figure: image, all masks, and ``num_clicks`` clicks with their targets."""
+def render_example(ex: dict, num_clicks: int = 4, title: str = "", seed: int = 0,
+                   valid_hw: tuple[int, int] | None = None):
+  """A matplotlib figure: image, all masks, and ``num_clicks`` clicks with their targets.
+
+  ``valid_hw``: the canvas part covered by the image; clicks there are drawn
+  first (a click in the crop's pad has every mask as a target when
+  ``mask_pad_value`` is 255, which shows no nesting).
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -23,7 +29,10 @@ def render_example(ex: dict, num_clicks: int = 4, title: str = "", seed: int = 0
   colors = rng.uniform(0.15, 1.0, size=(max(len(valid), 1), 3))
   prompts = np.flatnonzero(ex["prompt_valid"])
   # Prefer clicks with many levels, so that the nesting is visible.
-  depth = ex["target_valid"][prompts].sum(-1)
+  depth = ex["target_valid"][prompts].sum(-1).astype(np.int64)
+  if valid_hw is not None:
+    x, y = ex["click_xy"][prompts, 0], ex["click_xy"][prompts, 1]
+    depth += 100 * ((x < valid_hw[1]) & (y < valid_hw[0]))
   order = prompts[np.argsort(-depth, kind="stable")]
   picked = []
   for k in order:  # distinct prompt masks
@@ -82,7 +91,8 @@ def render_example(ex: dict, num_clicks: int = 4, title: str = "", seed: int = 0
 
 def show(data_dir: str, index: int, output: str, *, split: str = "train", seed: int = 0,
          epoch: int = 0, image_size: int | None = None, num_clicks: int = 4,
-         mask_pad_value: int = 255, max_num_instance: int = 60, num_tokens: int = 6):
+         mask_pad_value: int = 255, max_num_instance: int = 60, num_tokens: int = 6,
+         dpi: int = 110):
   """Draws example ``index`` of ``split`` as the training pipeline produces it."""
   import os
   import tempfile
@@ -97,10 +107,12 @@ def show(data_dir: str, index: int, output: str, *, split: str = "train", seed: 
   opt = P.ExampleOptions(image_size=size, mask_pad_value=mask_pad_value,
                          max_num_instance=max_num_instance, num_tokens=num_tokens)
   rng = np.random.default_rng([seed, index, epoch])
-  ex = P.prepare_example(image, P._rles(raw), rng, opt, example_id=index)
+  ex, dbg = P.prepare_example(image, P._rles(raw), rng, opt, example_id=index,
+                              return_debug=True)
+  g = dbg["geometry"]
   fn = raw["image"]["file_name"]
   fn = fn.decode() if isinstance(fn, bytes) else str(fn)
-  fig = render_example(ex, num_clicks=num_clicks,
+  fig = render_example(ex, num_clicks=num_clicks, valid_hw=(g.valid_h, g.valid_w),
                        title=f"{fn} ({split}[{index}], seed {seed}, epoch {epoch}, "
                              f"canvas {size}x{size}, {len(raw['annotations']['id'])} masks in the source)")
   d = os.path.dirname(os.path.abspath(output))
@@ -108,7 +120,7 @@ def show(data_dir: str, index: int, output: str, *, split: str = "train", seed: 
   fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
   os.close(fd)
   try:
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, output)
   finally:
     if os.path.exists(tmp):

@@ -216,10 +216,19 @@ def iter_semsam_data(data_dir, split: str, num_images: Optional[int] = None,
   except ImportError as e:
     raise ImportError("reading a semsam_jax.data dataset needs semsam_jax.data.read_split, "
                       f"which this installation lacks ({e}); pass a COCO JSON instead") from None
+  try:
+    examples = read_split(str(data_dir), split)
+  except KeyError as e:        # unknown split: the message lists the dataset's splits
+    raise ValueError(e.args[0] if e.args else str(e)) from None
   done = 0
-  for index, ex in enumerate(read_split(data_dir, split)):
+  for index in range(len(examples)):   # random-access source: no iterator protocol
     if num_images is not None and done >= num_images:
       return
+    try:
+      ex = examples[index]
+    except Exception as e:  # noqa: BLE001 -- a damaged record is reported, not fatal
+      skipped.add("unreadable_image", f"example {index}", f"{type(e).__name__}: {e}")
+      continue
     image_id = ex.get("image_id", ex.get("id", index))
     if isinstance(image_id, bytes):
       image_id = image_id.decode()

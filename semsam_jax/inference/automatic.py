@@ -34,7 +34,7 @@ from semsam_jax.inference import postprocess as pp
 from semsam_jax.kernels import mask_stats, native
 from semsam_jax.models.layers import linear_upsample, linear_upsample_phases
 from semsam_jax.inference.predictor import (LEVEL_TO_TOKEN, TOKEN_TO_LEVEL, SemanticSAMPredictor,
-                                            to_rgb_uint8, user_levels_to_tokens)
+                                            resolve_tokens, to_rgb_uint8)
 
 __all__ = ["SemanticSAMAutomaticMaskGenerator", "point_grid", "crop_boxes", "TOKEN_TO_LEVEL",
            "LEVEL_TO_TOKEN"]
@@ -201,6 +201,12 @@ class SemanticSAMAutomaticMaskGenerator:
     levels: user granularity levels 1..6 (mapped to decoder tokens 1->3,
       2->2, 3->0, 4->4, 5->1, 6->5); honoured for every batch.
     progress: show a progress bar over the batches.
+    tokens: instead of ``levels``, decoder tokens 0..5 (as
+      ``SemanticSAMPredictor.predict(tokens=...)``).
+
+  After ``generate`` the predictor holds the embedding of the whole image
+  (crops are embedded first, the whole image last), so a following
+  ``predictor.predict`` decodes against the image just segmented.
 
   ``generate(image)`` returns one record per mask: ``segmentation``, ``area``,
   ``bbox`` (XYWH), ``predicted_iou``, ``point_coords`` ([[x, y]] in pixels),
@@ -215,7 +221,8 @@ class SemanticSAMAutomaticMaskGenerator:
                crop_n_points_downscale_factor: int = 1,
                point_grids: Sequence[np.ndarray] | None = None,
                min_mask_region_area: int = 10, output_mode: str = "binary_mask",
-               levels: Sequence[int] = (1, 2, 3, 4, 5, 6), progress: bool = True):
+               levels: Sequence[int] | None = (1, 2, 3, 4, 5, 6), progress: bool = True,
+               *, tokens: Sequence[int] | None = None):
     if not (hasattr(predictor, "decode_points") and hasattr(predictor, "set_image")):
       raise TypeError("predictor must be a SemanticSAMPredictor (use "
                       "SemanticSAMAutomaticMaskGenerator.from_checkpoint/from_torch to "
@@ -251,8 +258,10 @@ class SemanticSAMAutomaticMaskGenerator:
     self.crop_nms_thresh = float(crop_nms_thresh)
     self.crop_overlap_ratio = float(crop_overlap_ratio)
     self.min_mask_region_area = int(min_mask_region_area)
-    self.levels = tuple(int(l) for l in levels)
-    self.tokens = user_levels_to_tokens(self.levels)
+    if tokens is not None and levels == (1, 2, 3, 4, 5, 6):
+      levels = None  # the default gives way to explicit tokens
+    self.tokens = resolve_tokens(levels, tokens)
+    self.levels = tuple(TOKEN_TO_LEVEL[t] for t in self.tokens)
     self.output_mode = output_mode
     self.progress = progress
     try:  # masks are kept as COCO RLE between the steps
@@ -351,12 +360,22 @@ class SemanticSAMAutomaticMaskGenerator:
     boxes, layers = crop_boxes((h, w), self.crop_n_layers, self.crop_overlap_ratio)
     total = sum(-(-len(self.point_grids[l]) // self.points_per_batch) for l in layers)
     data: dict[str, list] = {}
-    with tqdm(total=total, desc="mask generation", unit="batch",
-              disable=not self.progress) as bar:
-      for crop_box, layer in zip(boxes, layers):
-        crop_data = self._process_crop(image, crop_box, layer, bar)
-        for k, v in crop_data.items():
-          data.setdefault(k, []).extend(v)
+    per_crop: list[dict | None] = [None] * len(boxes)
+    # The crops first and the whole image (crop 0) last, so the predictor is
+    # left on the whole image; the results are gathered in the crop order.
+    order = list(range(1, len(boxes))) + [0]
+    try:
+      with tqdm(total=total, desc="mask generation", unit="batch",
+                disable=not self.progress) as bar:
+        for i in order:
+          per_crop[i] = self._process_crop(image, boxes[i], layers[i], bar)
+    except BaseException:
+      if hasattr(self.predictor, "reset_image"):  # never leave a crop's embedding behind
+        self.predictor.reset_image()
+      raise
+    for crop_data in per_crop:
+      for k, v in crop_data.items():
+        data.setdefault(k, []).extend(v)
     if len(boxes) > 1 and data["rles"]:
       # Between crops prefer masks from smaller crops.
       areas = np.asarray([(b[2] - b[0]) * (b[3] - b[1]) for b in data["crop_box"]], np.float64)

@@ -4,19 +4,21 @@ any number of click/box prompt batches against the cached embedding.
     predictor = SemanticSAMPredictor.from_torch("model.pth", "config.yaml")
     predictor.set_image(image_u8)                  # backbone + pixel decoder, once
     result = predictor.predict(points=[[120, 80]]) # decoder only
-    result.masks   # (N, L, H, W) bool, L = len(levels) granularity tokens
+    result.masks   # (N, 6, H, W) bool: levels 1..6, fine to coarse
 
 Static shapes: the image is zero padded to a size bucket and the prompts to a
 prompt bucket (padded prompts are hidden from the attention), so after the
 first call of a bucket nothing is compiled again.
 
-Granularity is addressed in two vocabularies:
+Granularity is addressed in two vocabularies, each with its own keyword:
 
-* decoder *tokens* 0..5 (``predict(levels=...)``, the order the network
-  emits them; what the original ``evaluate_demo(level=...)`` takes);
-* user *levels* 1..6 from fine to coarse (the automatic generator and the
-  CLI), mapped to tokens as the original does: 1->3, 2->2, 3->0, 4->4, 5->1,
-  6->5 (:func:`user_levels_to_tokens`).
+* user *levels* 1..6 from fine to coarse (``predict(levels=...)``, the
+  automatic generator, the CLI), mapped to decoder tokens as the original
+  does: 1->3, 2->2, 3->0, 4->4, 5->1, 6->5 (:data:`LEVEL_TO_TOKEN`);
+* decoder *tokens* 0..5 (``predict(tokens=...)``, the order the network
+  emits them; what the original ``evaluate_demo(level=...)`` takes).
+
+Out-of-range values raise ``ValueError`` naming the right keyword.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ NUM_LEVELS = NUM_TOKENS  # kept for backwards compatibility
 # User-facing granularity levels 1..6 (fine -> coarse) -> decoder token index.
 LEVEL_TO_TOKEN = {1: 3, 2: 2, 3: 0, 4: 4, 5: 1, 6: 5}
 TOKEN_TO_LEVEL = {t: l for l, t in LEVEL_TO_TOKEN.items()}
+ALL_LEVELS = (1, 2, 3, 4, 5, 6)
 # Prompt counts the decoder is compiled for (a call runs at the smallest one
 # that fits; beyond the last, at the next multiple of it).
 DEFAULT_PROMPT_BUCKETS = (1, 8, 32, 128)
@@ -72,30 +75,45 @@ def to_rgb_uint8(image) -> np.ndarray:
 
 
 def levels_to_tokens(levels: Sequence[int] | None) -> tuple[int, ...]:
-  """Decoder token indices (0..5) to keep; ``None`` keeps all six in token order."""
+  """Checked decoder token indices (0..5); ``None`` keeps all six in token order."""
   if levels is None:
     return tuple(range(NUM_TOKENS))
   out = []
   for t in np.asarray(levels).reshape(-1).tolist():
     if isinstance(t, bool) or not isinstance(t, (int, float)) or int(t) != t \
         or not 0 <= int(t) < NUM_TOKENS:
-      raise ValueError(f"unknown granularity token {t!r}: tokens are 0..{NUM_TOKENS - 1}")
+      raise ValueError(f"unknown granularity token {t!r}: tokens are 0..{NUM_TOKENS - 1} "
+                       "(for the user levels 1..6 use levels=)")
     out.append(int(t))
   if not out:
-    raise ValueError("levels must not be empty")
+    raise ValueError("tokens must not be empty")
   return tuple(out)
 
 
 def user_levels_to_tokens(levels: Sequence[int]) -> tuple[int, ...]:
   """User granularity levels 1..6 -> decoder tokens (1->3, 2->2, 3->0, 4->4, 5->1, 6->5)."""
   out = []
-  for l in levels:
-    if isinstance(l, bool) or l not in LEVEL_TO_TOKEN:
-      raise ValueError(f"unknown granularity level {l!r}: levels are 1..6")
+  for l in np.asarray(levels).reshape(-1).tolist():
+    if isinstance(l, bool) or not isinstance(l, (int, float)) or int(l) != l \
+        or int(l) not in LEVEL_TO_TOKEN:
+      raise ValueError(f"unknown granularity level {l!r}: levels are 1..6 (fine to coarse; "
+                       "for decoder tokens 0..5 use tokens=)")
     out.append(LEVEL_TO_TOKEN[int(l)])
   if not out:
     raise ValueError("levels must not be empty")
   return tuple(out)
+
+
+def resolve_tokens(levels: Sequence[int] | None = None,
+                   tokens: Sequence[int] | None = None) -> tuple[int, ...]:
+  """Decoder tokens from ``levels`` (user 1..6) or ``tokens`` (0..5); at most one
+  may be given; neither: all six levels, fine to coarse."""
+  if levels is not None and tokens is not None:
+    raise ValueError("give levels= (user levels 1..6) or tokens= (decoder tokens 0..5), "
+                     "not both")
+  if tokens is not None:
+    return levels_to_tokens(tokens)
+  return user_levels_to_tokens(ALL_LEVELS if levels is None else levels)
 
 
 def _bucket(value: int, buckets: Sequence[int] | None, multiple: int) -> int:
@@ -172,7 +190,7 @@ def _upsample_one(lowres, index, padded_hw: tuple[int, int]):
 
 @dataclasses.dataclass
 class Prediction:
-  """Per prompt results, tokens in the order of ``levels``.
+  """Per prompt results, granularities in the order asked for.
 
   Prompts are ordered points first, then boxes.
   """
@@ -180,7 +198,8 @@ class Prediction:
   masks: np.ndarray    # (N, L, H, W) bool (logits > 0)
   ious: np.ndarray     # (N, L) predicted IoU
   boxes: np.ndarray    # (N, L, 4) predicted boxes, pixel x0, y0, x1, y1 of the image
-  levels: tuple[int, ...]  # decoder token indices, one per L
+  levels: tuple[int, ...]  # user levels 1..6, one per L
+  tokens: tuple[int, ...]  # the decoder token of each of them (0..5)
 
 
 class SemanticSAMPredictor:
@@ -244,7 +263,7 @@ class SemanticSAMPredictor:
   def from_checkpoint(cls, directory: str | os.PathLike, **kwargs) -> "SemanticSAMPredictor":
     """From an orbax checkpoint written by ``python -m semsam_jax.convert``."""
     from semsam_jax.convert.checkpoint import load_checkpoint
-    config, params = load_checkpoint(directory)
+    config, params = load_checkpoint(directory, validate=True)
     return cls(config, params, **kwargs)
 
   @classmethod
@@ -379,7 +398,7 @@ class SemanticSAMPredictor:
                         np.asarray(tokens, np.int32))
 
   def predict(self, points=None, boxes=None, levels: Sequence[int] | None = None,
-              coords: str = "pixels") -> Prediction:
+              coords: str = "pixels", *, tokens: Sequence[int] | None = None) -> Prediction:
     """Decodes clicks and/or boxes against the current image (decoder only).
 
     Args:
@@ -387,10 +406,12 @@ class SemanticSAMPredictor:
         [0, 1].
       boxes: (M, 4) boxes: ``x0, y0, x1, y1`` in pixels, or ``cx, cy, w, h``
         relative to the image, depending on ``coords``.
-      levels: decoder granularity tokens 0..5 to return, in that order
-        (default: all six).  Use :func:`user_levels_to_tokens` for the user
-        levels 1..6.
+      levels: user granularity levels 1 (finest) .. 6 (coarsest) to return,
+        in that order (default: all six, fine to coarse), as in the CLI and
+        the automatic generator.
       coords: ``"pixels"`` (default) or ``"relative"``.
+      tokens: instead of ``levels``, decoder tokens 0..5 (the original's
+        ``evaluate_demo(level=...)``), in that order.
 
     All prompts of one call are decoded together (they attend to each other
     unless ``independent_prompts``).
@@ -399,10 +420,11 @@ class SemanticSAMPredictor:
       A :class:`Prediction`; prompts are ordered points first, then boxes.
 
     Raises:
-      ValueError: a prompt outside the image, an empty box, an unknown token,
-        no prompt.  RuntimeError: no image set.
+      ValueError: a prompt outside the image, an empty box, a level outside
+        1..6 or a token outside 0..5, both levels and tokens, no prompt.
+      RuntimeError: no image set.
     """
-    tokens = levels_to_tokens(levels)
+    tokens = resolve_tokens(levels, tokens)
     rel, is_box = self._prompt_boxes(points, boxes, coords)
     n = len(rel)
     lowres, ious, pboxes = self._run_decoder(rel, is_box, tokens, self.prompt_bucket(n), n)
@@ -416,7 +438,8 @@ class SemanticSAMPredictor:
     cx, cy, bw, bh = np.moveaxis(np.asarray(pboxes, np.float32)[:n], -1, 0)
     xyxy = np.stack([(cx - bw / 2) * wp, (cy - bh / 2) * hp,
                      (cx + bw / 2) * wp, (cy + bh / 2) * hp], -1)
-    return Prediction(logits=logits, masks=logits > 0, ious=ious, boxes=xyxy, levels=tokens)
+    return Prediction(logits=logits, masks=logits > 0, ious=ious, boxes=xyxy,
+                      levels=tuple(TOKEN_TO_LEVEL[t] for t in tokens), tokens=tokens)
 
   def decode_points(self, points: np.ndarray, tokens: Sequence[int], valid_count: int | None = None,
                     slots: int | None = None):
@@ -425,17 +448,18 @@ class SemanticSAMPredictor:
     Args:
       points: (N, 2) clicks ``x, y`` relative to the current image; the first
         ``valid_count`` (default all) are real, the rest are hidden padding.
-      tokens: decoder tokens to keep.
+      tokens: decoder tokens (0..5) to keep.
       slots: static number of prompt slots (default: the prompt bucket of N).
 
     Returns:
       ``(logits, ious)`` as device arrays: (slots, L, Hp/4, Wp/4) low-resolution
       mask logits of the padded canvas and (slots, L) predicted IoUs.
     """
+    tokens = levels_to_tokens(tokens)
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     n = len(pts)
     valid_count = n if valid_count is None else int(valid_count)
     rel = np.concatenate([pts, np.zeros((n, 2))], 1)
     slots = self.prompt_bucket(n) if slots is None else int(slots)
-    lowres, ious, _ = self._run_decoder(rel, np.zeros(n, bool), tuple(tokens), slots, valid_count)
+    lowres, ious, _ = self._run_decoder(rel, np.zeros(n, bool), tokens, slots, valid_count)
     return lowres, ious

@@ -56,3 +56,11 @@ def color_masks(image: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0
     m = np.asarray(m, bool)
     out[m] = out[m] * (1 - alpha) + c * alpha
   return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+  """A boolean (H, W) mask as an 8-bit grayscale PNG-ready image (0 / 255)."""
+  m = np.asarray(mask, bool)
+  if m.ndim != 2:
+    raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+  return Image.fromarray(np.where(m, 255, 0).astype(np.uint8))

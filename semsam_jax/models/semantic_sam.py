@@ -170,7 +170,7 @@ def select_levels(outputs: dict, levels: Sequence[int]) -> dict:
 
 
 def forward_fn(config, levels: Sequence[int] | None = None, return_aux: bool = True,
-               independent_prompts: bool = False):
+               independent_prompts: bool = False, *, tokens: Sequence[int] | None = None):
   """Jit-compiled ``(params, image, prompts, is_box) -> outputs`` (evaluate_demo).
 
   ``image`` is (H, W, 3) or (B, H, W, 3) RGB, uint8 or float in [0, 255];
@@ -178,11 +178,20 @@ def forward_fn(config, levels: Sequence[int] | None = None, return_aux: bool = T
   Outputs: raw decoder outputs (``pred_masks`` (B,N,T,h,w), ``pred_boxes``,
   ``pred_ious``, ``aux_outputs``) plus ``masks`` (B, N, len(levels), H, W)
   upsampled logits and ``ious`` (B, N, len(levels)) of the selected tokens.
+
+  ``levels``: user granularity levels 1 (finest) .. 6 to select, in that
+  order; or ``tokens``: decoder tokens 0..5 (the original's
+  ``evaluate_demo(level=...)``).  Neither: every token in token order.
   """
   cfg = freeze_config(config)
   model = SemanticSAM(cfg)
   num_tokens = cfg.decoder.num_mask_tokens
-  levels = tuple(range(num_tokens)) if levels is None else tuple(int(l) for l in levels)
+  if levels is None and tokens is None:
+    sel_tokens = tuple(range(num_tokens))
+  else:
+    from semsam_jax.inference.predictor import resolve_tokens
+    sel_tokens = resolve_tokens(levels, tokens)
+  levels = sel_tokens
 
   @jax.jit
   def forward(params, image, prompts, is_box):
