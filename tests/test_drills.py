@@ -136,7 +136,7 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
   # The same k + 1 steps in this process on 8 devices, fed the global batches the two
   # processes assembled (process 0's rows, then process 1's): same losses and params.
   losses, params = _reference_run(micro_config(cache_dir), k + 1)
-  np.testing.assert_allclose([r["loss"] for r in _metrics(work)], losses, rtol=1e-5)
+  _check_losses([r["loss"] for r in _metrics(work)], losses)
   from semsam_jax.convert.checkpoint import load_checkpoint
   _, exported = load_checkpoint(work / "export")
   a, b = _flat(exported), _flat(params)
@@ -146,6 +146,18 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
   # normalisation on small gradients); a wrong data shard or rng gives > 1e-2.
   print(f"2x4 vs 1x8 after {k + 1} steps: worst per-tensor relative param difference {worst:.2e}")
   assert worst < 1e-4, worst
+
+
+def _check_losses(got, want):
+  # The Hungarian matching of a random-init model is full of near-ties, so the
+  # float noise between gloo's reductions and one process's (params ~1e-5 apart)
+  # can flip an assignment and move a step's loss by ~1e-3 (measured 6.1e-4 on the
+  # first step after a restart; tests/test_train.py fixes the assignment for the
+  # same reason, which train.py in a subprocess cannot).  A wrong batch, rng or
+  # restored state moves it by percents.
+  rel = np.abs(np.asarray(got) - np.asarray(want)) / np.abs(np.asarray(want))
+  print(f"losses {got} vs one process {want}: worst relative difference {rel.max():.2e}")
+  assert len(got) == len(want) and rel.max() < 2e-3, (got, want)
 
 
 def _reference_run(config, steps):
@@ -215,3 +227,62 @@ def test_every_checkpoint_corrupt_is_a_clear_error(cache_dir, tmp_path):  # noqa
   with pytest.raises(RuntimeError, match=r"no checkpoint in \S+ restores \(steps \[2\]\)"):
     loop.train(micro_config(cache_dir, total_steps=3, export_final=False), work,
                devices=devices, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_kill_9_one_process_then_restart_both(cache_dir, tmp_path):  # noqa: F811
+  """kill -9 of process 1 mid-run; restarting both resumes from the last complete
+  checkpoint, logs every step once and ends with the params of an uninterrupted run."""
+  from semsam_jax.data import ensure_dataset
+  ensure_dataset(micro_config(cache_dir).data, progress=False)
+  work = tmp_path / "run"
+  total = 6
+  flags = [f"--config.{k}={v}" for k, v in micro_overrides(cache_dir).items()
+           if k not in ("total_steps", "checkpoint_every", "data.synthetic.cache_dir")]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla_mp"),
+             SEMSAM_DATA_CACHE=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, str(REPO / "scripts/local_multiprocess.py"), "-n", "2", "-d", "4",
+         "--timeout", "400", "--grace", "5", "--",
+         sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny.py"),
+         "--workdir", str(work), f"--config.total_steps={total}",
+         "--config.checkpoint_every=2", *flags]
+
+  p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  out = []
+  reader = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
+  reader.start()
+  deadline = time.monotonic() + 400
+  while time.monotonic() < deadline and p.poll() is None:
+    if (work / "metrics.jsonl").exists() and len(_metrics(work)) >= 3:
+      break
+    time.sleep(0.2)
+  assert p.poll() is None, "".join(out)[-4000:]
+  pid1 = int(re.search(r"\[launcher\] process 1: pid (\d+)", "".join(out)).group(1))
+  os.kill(pid1, signal.SIGKILL)
+  rc = p.wait(timeout=120)
+  reader.join(timeout=10)
+  text = "".join(out)
+  assert rc == -signal.SIGKILL, text[-3000:]
+  assert "[launcher] a process exited with -9" in text
+  complete = _steps(work)
+  assert complete and max(complete) < total, (complete, text[-3000:])
+  last = max(complete)
+
+  q = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=450)
+  assert q.returncode == 0, q.stdout[-4000:]
+  assert re.search(rf"\[p0\] resumed from \S+/checkpoints/{last} ", q.stdout), q.stdout[-4000:]
+  recs = _metrics(work)
+  assert [r["step"] for r in recs] == list(range(1, total + 1))
+
+  losses, params = _reference_run(micro_config(cache_dir), total)
+  _check_losses([r["loss"] for r in recs], losses)
+  from semsam_jax.convert.checkpoint import load_checkpoint
+  _, exported = load_checkpoint(work / "export")
+  a, b = _flat(exported), _flat(params)
+  worst = max(_rel(a[key], b[key]) for key in a)
+  print(f"kill -9 at step >= 3, resumed from {last}: worst relative param difference to an "
+        f"uninterrupted 1x8 run after {total} steps {worst:.2e}")
+  assert worst < 1e-4, worst
