@@ -14,7 +14,8 @@ Every line a child prints is echoed as ``[p<i>] line``.  The launcher waits
 at most ``--timeout`` seconds; on timeout, on SIGINT/SIGTERM to itself, or
 when a child fails, it kills all children (SIGTERM, then SIGKILL after
 ``--grace`` seconds).  Exit status: 0 when every child exited 0, else the
-first nonzero child status (124 on timeout).  Only the standard library.
+first nonzero child status (124 on timeout; 128 + N for a child killed by
+signal N, e.g. 137 after ``kill -9``).  Only the standard library.
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ def main(argv=None) -> int:
 
   signal.signal(signal.SIGTERM, on_signal)
   signal.signal(signal.SIGINT, on_signal)
-  return run(cmd, num_processes=a.num_processes, devices_per_process=a.devices_per_process,
+  status = run(cmd, num_processes=a.num_processes, devices_per_process=a.devices_per_process,
              timeout=a.timeout, grace=a.grace)
+  return 128 - status if status < 0 else status  # a child killed by signal N: 128 + N
 
 
 if __name__ == "__main__":
