@@ -145,13 +145,13 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
 def _check_losses(got, want):
   # The Hungarian matching of a random-init model is full of near-ties, so the
   # float noise between gloo's reductions and one process's (params ~1e-5 apart)
-  # can flip an assignment and move a step's loss by ~1e-3 (measured 6.1e-4 on the
+  # can flip an assignment and move a step's loss by ~1e-3 (measured up to 1.6e-3; 6.1e-4 on the
   # first step after a restart; tests/test_train.py fixes the assignment for the
   # same reason, which train.py in a subprocess cannot).  A wrong batch, rng or
   # restored state moves it by percents.
   rel = np.abs(np.asarray(got) - np.asarray(want)) / np.abs(np.asarray(want))
   print(f"losses {got} vs one process {want}: worst relative difference {rel.max():.2e}")
-  assert len(got) == len(want) and rel.max() < 2e-3, (got, want)
+  assert len(got) == len(want) and rel.max() < 5e-3, (got, want)
 
 
 def _check_params(got, want, init, what):
