@@ -37,6 +37,7 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
           pretrain_img_size=pretrain_img_size,
           out_features=("res2", "res3", "res4", "res5"),
           drop_path_rate=0.3,     # training only
+          remat=False,            # training: rematerialise each Swin block (nn.remat)
       ),
       pixel_decoder=dict(
           conv_dim=256,

@@ -22,3 +22,81 @@ def optim_config() -> ml_collections.ConfigDict:
       warmup_method="linear",       # SOLVER.WARMUP_METHOD
       max_iter=368750,              # SOLVER.MAX_ITER
   ))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Top-level fields of a training config (``train.py``) besides its sections.
+
+  A full training config holds ``model`` (semsam_jax.config), ``data``
+  (semsam_jax.data.config), ``loss`` (semsam_jax.losses.config), ``optim``
+  (:func:`optim_config`) and these fields; :func:`complete_config` fills in
+  whatever a config file leaves out.
+  """
+  return ml_collections.ConfigDict(dict(
+      seed=0,
+      batch_size=64,               # global batch (reference: 64 GPUs x 1 image)
+      total_steps=368750,          # reference SOLVER.MAX_ITER
+      grad_accum_steps=1,          # micro-batches per step (batch_size % it == 0)
+      # Device mesh: axis sizes; -1 = all remaining devices.
+      mesh=dict(data=-1, fsdp=1),
+      sharding_rules="fsdp",       # semsam_jax.sharding.RULES key
+      # Non-finite loss or gradient: the update is skipped (and counted); this
+      # many consecutive skipped steps stop the run with an error.
+      max_consecutive_bad_steps=10,
+      # Checkpoints (orbax CheckpointManager in WORKDIR/checkpoints).
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      # Export of the final params in the predictor's layout (WORKDIR/export).
+      export_final=True,
+      # Logging.
+      log_every=1,                 # JSON-lines / TensorBoard interval (steps)
+      progress_bar=True,
+      profile_steps=(),            # (first, last) steps to trace with jax.profiler
+      init=dict(
+          # Converted Semantic-SAM weights: an orbax checkpoint directory
+          # (python -m semsam_jax.convert) or an original .pth file.
+          checkpoint=None,
+          # The original YAML of a .pth given as `checkpoint` (None: the .pth
+          # is converted onto config.model).
+          reference_config=None,
+          # Backbone only: an ImageNet Swin .pth (swin_tiny_patch4_window7_224,
+          # swin_large_patch4_window12_384_22k key layout), the rest random.
+          backbone=None,
+      ),
+  ))
+
+
+def complete_config(config) -> ml_collections.ConfigDict:
+  """``config`` with every missing section / field filled from the defaults.
+
+  Lets model-only configs (``configs/semsam_swint.py``) train with the
+  reference recipe.  Fields present in ``config`` always win.
+  """
+  from semsam_jax.config import model_config
+  from semsam_jax.data.config import data_config
+  from semsam_jax.losses.config import loss_config
+
+  def merge(default, given):
+    out = ml_collections.ConfigDict(default.to_dict())
+    if given is None:
+      return out
+    for k in given.keys():
+      v = given[k]
+      if isinstance(v, ml_collections.ConfigDict) and k in out and isinstance(
+          out[k], ml_collections.ConfigDict):
+        out[k] = merge(out[k], v)
+      else:
+        with out.unlocked():
+          out[k] = v
+    return out
+
+  base = train_config()
+  with base.unlocked():
+    base.model = model_config()
+    base.data = data_config()
+    base.loss = loss_config()
+    base.optim = optim_config()
+  out = merge(base, config)
+  out.optim.max_iter = int(out.optim.max_iter)
+  return out

@@ -1,0 +1,30 @@
+"""The reference SA-1B training recipe of Semantic-SAM, SwinT backbone.
+
+``semantic_sam_only_sa-1b_swinT.yaml``: 1024² crops (scale 0.99-1.01,
+horizontal flip), 60 prompts per image, 6 granularity tokens, 12544 loss
+points, global batch 64, 368,750 iterations, AdamW lr 1e-4 (backbone x0.1),
+weight decay 0.05, clipping 0.01, steps 327,778 / 355,092, checkpoint every
+5000 iterations.  Point ``config.data.data_dir`` at an SA-1B dataset built
+with ``python -m semsam_jax.data build-sa1b`` and initialise the backbone
+from ImageNet (``--config.init.backbone=...``) as the original does.
+"""
+
+import ml_collections
+
+from semsam_jax.config import model_config
+from semsam_jax.data.config import data_config
+from semsam_jax.losses.config import loss_config
+from semsam_jax.training.config import optim_config, train_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = train_config()
+  config.model = model_config("swin_t")
+  config.data = data_config()          # reference input: 1024², K = 60, M = 256
+  config.loss = loss_config()          # reference weights, 12544 points
+  config.optim = optim_config()        # reference SOLVER section
+  config.batch_size = 64
+  config.total_steps = 368750
+  config.checkpoint_every = 5000
+  config.log_every = 20
+  return config
