@@ -86,34 +86,13 @@ def pick_clicks(masks) -> list[tuple[str, int, int]]:
   return clicks
 
 
-def plot_loss(metrics_file: pathlib.Path, out_png: pathlib.Path) -> dict:
-  """The training loss (per logged step and a running mean) as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def loss_stats(metrics_file: pathlib.Path) -> dict:
+  """Mean logged loss over the first and the last 10 % of the finite records."""
   import numpy as np
   rows = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
-  rows = [r for r in rows if "loss" in r and r.get("finite", True)]
-  if not rows:
-    raise DemoError(f"no loss values in {metrics_file}")
-  steps = np.array([r["step"] for r in rows])
-  loss = np.array([r["loss"] for r in rows], np.float64)
-  k = max(1, len(loss) // 20)
-  smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-  fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-  ax.plot(steps, loss, lw=0.8, alpha=0.4, label="logged loss")
-  ax.plot(steps[k - 1:], smooth, lw=2, label=f"running mean ({k} logs)")
-  ax.set_xlabel("step")
-  ax.set_ylabel("total loss")
-  ax.set_yscale("log")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  ax.set_title("semsam_jax: configs/tiny.py on the synthetic data")
-  fig.tight_layout()
-  tmp = out_png.with_suffix(".tmp.png")
-  fig.savefig(tmp)
-  plt.close(fig)
-  os.replace(tmp, out_png)
+  loss = np.array([r["loss"] for r in rows if "loss" in r and r.get("finite", True)], np.float64)
+  if not loss.size:
+    raise DemoError(f"no finite loss values in {metrics_file}")
   q = max(1, len(loss) // 10)
   return {"first_steps_mean_loss": float(loss[:q].mean()),
           "last_steps_mean_loss": float(loss[-q:].mean()), "logged_points": int(len(loss))}
@@ -167,7 +146,10 @@ def run(args) -> None:
     _run([py, str(REPO_ROOT / "train.py"), f"--config={config_path}", f"--workdir={workdir}",
           f"--config.total_steps={args.steps}"], f"train {args.config} for {args.steps} steps")
     checkpoint = workdir / "export"
-    summary["loss"] = plot_loss(workdir / "metrics.jsonl", out / "loss.png")
+    _run([py, str(REPO_ROOT / "scripts" / "plot_loss.py"), str(workdir),
+          f"--output={out / 'loss.png'}", "--title=configs/tiny.py on the synthetic data"],
+         "loss curve")
+    summary["loss"] = loss_stats(workdir / "metrics.jsonl")
     summary["train_steps"] = args.steps
   else:
     from semsam_jax import evaluation
