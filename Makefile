@@ -1,16 +1,18 @@
-# Quick start:  `make demo` (convert a checkpoint + one forward pass)  /  `make test`.
+# Quick start:  `make demo` (synthetic data -> train -> evaluate -> predict, into out/)  /  `make test`.
+# `make demo-convert` converts an original .pth and clicks once (the former demo).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 GOLDEN ?= $(if $(SEMSAM_GOLDEN_DIR),$(SEMSAM_GOLDEN_DIR),../shared/golden)
-# The checkpoint the demo converts: any original Semantic-SAM .pth with its YAML.
+# The checkpoint demo-convert converts: any original Semantic-SAM .pth with its YAML.
 TORCH_CKPT ?= $(GOLDEN)/tiny_a/model.pth
 REF_YAML   ?= $(GOLDEN)/tiny_a/config.yaml
 IMAGE      ?= docs/assets/example.png
 POINTS     ?= 0.45,0.55
 OUT        ?= out
+DEMO_STEPS ?= 1000
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-convert test clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
+	$(PY) -m semsam_jax.demo --output $(OUT) --steps $(DEMO_STEPS)
+
+demo-convert: venv
 	$(PY) -m semsam_jax.convert --torch-checkpoint $(TORCH_CKPT) --reference-config $(REF_YAML) \
 	    --output $(OUT)/checkpoint --overwrite
 	$(PY) -m semsam_jax predict --checkpoint $(OUT)/checkpoint --image $(IMAGE) \
