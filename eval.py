@@ -21,7 +21,6 @@ IoUs and clicks in ``OUTPUT/instances.json``.  See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -76,34 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config_file(path: str):
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise EvalError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"_eval_config_{p.stem}", p)
-  module = importlib.util.module_from_spec(spec)
+  from semsam_jax.config import load_config_file
   try:
-    spec.loader.exec_module(module)
-  except Exception as e:
-    raise EvalError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
-  if not hasattr(module, "get_config"):
-    raise EvalError(f"config {path} has no get_config()")
-  return module.get_config()
+    return load_config_file(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise EvalError(str(e)) from None
 
 
-def _default_split(config_path) -> str:
-  """``config.data.eval_split`` of ``--config`` when it has a data section."""
-  if config_path:
-    cfg = _load_config_file(config_path)
+def _default_split(cfg) -> str:
+  """``config.data.eval_split`` of the ``--config`` file when it has a data section."""
+  if cfg is not None:
     data = cfg.get("data") if hasattr(cfg, "get") else None
     if data is not None and data.get("eval_split"):
       return str(data.eval_split)
   return "heldout"
 
 
-def load_model(args):
-  """(model config, params) from the checkpoint flags."""
+def load_model(args, config=None):
+  """(model config, params) from the checkpoint flags; ``config``: the loaded
+  ``--config`` file (its model section converts a .pth without a YAML)."""
   from semsam_jax import evaluation
-  config = _load_config_file(args.config) if args.config else None
   if args.checkpoint and args.torch_checkpoint:
     raise EvalError("give either --checkpoint or --torch-checkpoint, not both")
   checkpoint = args.checkpoint
@@ -158,8 +149,9 @@ def run(args) -> dict:
     raise EvalError(f"--output {out_dir} exists and is not a folder")
 
   t0 = time.time()
-  config, params = load_model(args)
-  split = args.split or _default_split(args.config)
+  config_file = _load_config_file(args.config) if args.config else None
+  config, params = load_model(args, config_file)
+  split = args.split or _default_split(config_file)
   opts = ev.EvalOptions(protocols=protocols, click_method=args.click, batch_size=args.batch_size,
                         mg_max_clicks=args.mg_max_clicks, seed=args.seed, progress=args.progress)
   skipped = ev.SkipLog()

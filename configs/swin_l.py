@@ -11,20 +11,8 @@ from ImageNet (``--config.init.backbone=...``) as the original does.
 
 import ml_collections
 
-from semsam_jax.config import model_config
-from semsam_jax.data.config import data_config
-from semsam_jax.losses.config import loss_config
-from semsam_jax.training.config import optim_config, train_config
+from semsam_jax.training.config import reference_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = train_config()
-  config.model = model_config("swin_l")
-  config.data = data_config()          # reference input: 1024², K = 60, M = 256
-  config.loss = loss_config()          # reference weights, 12544 points
-  config.optim = optim_config()        # reference SOLVER section
-  config.batch_size = 64
-  config.total_steps = 368750
-  config.checkpoint_every = 5000
-  config.log_every = 20
-  return config
+  return reference_recipe("swin_l")

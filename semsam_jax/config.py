@@ -85,3 +85,26 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       # query after the sampling) and the decoder's per-layer memory projection:
       memory_token_chunk=1024,
   ))
+
+
+def load_config_file(path: str):
+  """``get_config()`` of a ``configs/*.py`` file.
+
+  Raises FileNotFoundError when the file is missing and ValueError (naming the
+  file and the error) when it does not execute or defines no ``get_config``.
+  """
+  import importlib.util
+  import pathlib
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"_semsam_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:
+    raise ValueError(f"cannot load config {path}: {type(e).__name__}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config {path} has no get_config()")
+  return module.get_config()
+

@@ -51,19 +51,6 @@ def _run(cmd: list[str], what: str) -> None:
   print(f"    done in {time.time() - t0:.0f} s", flush=True)
 
 
-def load_config(path: str):
-  import importlib.util
-  p = pathlib.Path(path)
-  if not p.is_absolute():
-    p = REPO_ROOT / p
-  if not p.is_file():
-    raise DemoError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"_demo_config_{p.stem}", p)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def pick_clicks(masks) -> list[tuple[str, int, int]]:
   """A click deep inside the smallest mask (a part) and one inside the largest
   mask that contains it (the whole it belongs to), as (label, x, y) pixels."""
@@ -125,6 +112,7 @@ def main(argv=None) -> int:
 def run(args) -> None:
   import numpy as np
   from PIL import Image
+  from semsam_jax.config import load_config_file
   from semsam_jax.data import ensure_dataset, read_split
 
   if args.steps < 0:
@@ -133,7 +121,10 @@ def run(args) -> None:
   out.mkdir(parents=True, exist_ok=True)
   py = sys.executable
   config_path = str(REPO_ROOT / args.config) if not os.path.isabs(args.config) else args.config
-  config = load_config(config_path)
+  try:
+    config = load_config_file(config_path)
+  except (FileNotFoundError, ValueError) as e:
+    raise DemoError(str(e)) from None
   t_start = time.time()
 
   print("==> synthetic dataset (generated and built on first use)", flush=True)

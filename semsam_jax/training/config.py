@@ -67,6 +67,26 @@ def train_config() -> ml_collections.ConfigDict:
   ))
 
 
+def reference_recipe(backbone: str) -> ml_collections.ConfigDict:
+  """The original's SA-1B training recipe (``configs/swin_t.py``, ``swin_l.py``)
+  for ``backbone`` ("swin_t" or "swin_l"): the reference model, input,
+  loss and SOLVER sections, global batch 64, 368,750 iterations, a checkpoint
+  every 5000."""
+  from semsam_jax.config import model_config
+  from semsam_jax.data.config import data_config
+  from semsam_jax.losses.config import loss_config
+  config = train_config()
+  config.model = model_config(backbone)
+  config.data = data_config()          # reference input: 1024², K = 60, M = 256
+  config.loss = loss_config()          # reference weights, 12544 points
+  config.optim = optim_config()        # reference SOLVER section
+  config.batch_size = 64
+  config.total_steps = 368750
+  config.checkpoint_every = 5000
+  config.log_every = 20
+  return config
+
+
 def complete_config(config) -> ml_collections.ConfigDict:
   """``config`` with every missing section / field filled from the defaults.
 
