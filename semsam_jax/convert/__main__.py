@@ -7,27 +7,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import sys
 
 from semsam_jax import _cli
+from semsam_jax.config import load_config_file
 
 MAX_ERROR_LINES = 40
-
-
-def _load_py_config(path: str):
-  """``get_config()`` of a configs/*.py file."""
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise FileNotFoundError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"_semsam_config_{p.stem}", p)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} defines no get_config()")
-  return module.get_config()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +78,7 @@ def main(argv=None) -> int:
       config, params = convert_checkpoint(args.torch_checkpoint, reference_config=ref)
     else:
       config, params = convert_checkpoint(args.torch_checkpoint,
-                                          config=_load_py_config(args.config))
+                                          config=load_config_file(args.config))
     import jax
     leaves = jax.tree_util.tree_leaves(params)
     num_params = sum(int(np.prod(x.shape)) for x in leaves)
