@@ -14,7 +14,8 @@ rate, x floor, peak RSS. On a GPU/TPU the same rows print MFU against
 
 ``--memsim`` lowers and compiles the SwinL 1024² step for abstract inputs
 (global batch = devices x ``--per-device-batch``) under each mesh, with and
-without Swin-block remat and bf16 compute, and prints per-device bytes of
+without remat (``--remat``: model.remat values, default none and
+block+encoder_layer+decoder_layer) and bf16 compute, and prints per-device bytes of
 arguments (params + optimizer state + batch), outputs, temporaries
 (``compiled.memory_analysis()``) and the largest per-device batch that fits
 ``--device-gb`` assuming temporaries grow linearly with the batch.
@@ -94,18 +95,18 @@ def step_row(case: str, batch: int, repeats: int, peak_tflops: float | None):
   return row
 
 
-def memsim(meshes, per_device_batch: int, device_gb: float):
+def memsim(meshes, per_device_batch: int, device_gb: float, remats):
   from configs import swin_l
   from semsam_jax.models import semantic_sam as ss  # noqa: F401
   rows = []
   for mesh_s in meshes:
     d, f = (int(x) for x in mesh_s.split("x"))
-    for remat in (False, True):
+    for remat in remats:
       for dtype in ("float32", "bfloat16"):
         c = swin_l.get_config()
         c.mesh.data, c.mesh.fsdp = d, f
         c.batch_size = d * f * per_device_batch
-        c.model.backbone.remat = remat
+        c.model.remat = remat
         c.model.dtype = dtype
         c = complete_config(c)
         mesh, tx, abstract, shardings, step_fn = loop.build(c, jax.devices()[:d * f])
@@ -153,12 +154,14 @@ def main():
   ap.add_argument("--memsim", action="store_true")
   ap.add_argument("--meshes", nargs="+", default=["8x1", "1x8", "2x4"])
   ap.add_argument("--per-device-batch", type=int, default=1)
+  ap.add_argument("--remat", nargs="+", default=["none", "block+encoder_layer+decoder_layer"],
+                  help="model.remat values to compare (semsam_jax.config.REMAT_GRANULARITIES)")
   ap.add_argument("--device-gb", type=float, default=80.0)
   args = ap.parse_args()
   print(common.machine_line())
   print(f"load average: {os.getloadavg()}")
   if args.memsim:
-    memsim(args.meshes, args.per_device_batch, args.device_gb)
+    memsim(args.meshes, args.per_device_batch, args.device_gb, args.remat)
     return
   batches = args.batch or ([4] if args.case == "tiny" else [1, 2])
   rows = [step_row(args.case, b, args.repeats, args.peak_tflops) for b in batches]

@@ -37,7 +37,7 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
           pretrain_img_size=pretrain_img_size,
           out_features=("res2", "res3", "res4", "res5"),
           drop_path_rate=0.3,     # training only
-          remat=False,            # training: rematerialise each Swin block (nn.remat)
+          remat=False,            # legacy spelling of model.remat = "block"
       ),
       pixel_decoder=dict(
           conv_dim=256,
@@ -71,6 +71,13 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       pixel_mean=(123.675, 116.28, 103.53),
       pixel_std=(58.395, 57.12, 57.375),
       size_divisibility=32,
+      # Training: rematerialisation (jax.checkpoint via nn.remat) of the
+      # forward pass, "none" or any combination of REMAT_GRANULARITIES
+      # joined by "+" (e.g. "block+encoder_layer"): the activations inside each
+      # rematerialised module are recomputed in the backward pass instead of
+      # stored.  Values and gradients do not depend on it.
+      remat="none",
+      remat_policy="nothing_saveable",  # what a remat region keeps (REMAT_POLICIES)
       # Numerics / implementation choices (not part of the checkpoint).
       dtype="float32",            # compute dtype; "bfloat16" is opt-in
       param_dtype="float32",
@@ -85,6 +92,68 @@ def model_config(backbone: str = "swin_t") -> ml_collections.ConfigDict:
       # query after the sampling) and the decoder's per-layer memory projection:
       memory_token_chunk=1024,
   ))
+
+
+# Modules model.remat can rematerialise: each Swin block, each Swin stage
+# (its blocks and patch merging), each pixel-decoder encoder layer, each
+# decoder layer.
+REMAT_GRANULARITIES = ("block", "stage", "encoder_layer", "decoder_layer")
+# model.remat_policy -> jax.checkpoint_policies member: what a remat region
+# saves for the backward pass (everything else is recomputed).
+REMAT_POLICIES = {
+    "nothing_saveable": "nothing_saveable",
+    "dots_saveable": "dots_saveable",
+    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
+}
+# Training-only model fields that configs written before they existed lack;
+# a checkpoint's config.json may omit them (absent = the default).
+OPTIONAL_MODEL_FIELDS = (("remat",), ("remat_policy",))
+
+
+def remat_granularities(model_cfg) -> frozenset:
+  """The set of :data:`REMAT_GRANULARITIES` that ``model_cfg`` (the model
+  section) asks for.
+
+  ``model.remat`` is "none", one granularity, several joined by "+" or ",",
+  or a sequence of them; the legacy ``model.backbone.remat = True`` adds
+  "block".  Raises ValueError on anything else.
+  """
+  def get(node, key, default):
+    try:
+      value = node[key]
+    except (KeyError, AttributeError, TypeError):
+      return default
+    return default if value is None else value
+
+  spec = get(model_cfg, "remat", "none")
+  if isinstance(spec, bool):
+    names = ["block"] if spec else []
+  elif isinstance(spec, str):
+    names = [n.strip() for n in spec.replace(",", "+").split("+") if n.strip()]
+  else:
+    names = [str(n).strip() for n in spec]
+  names = [n for n in names if n != "none"]
+  bad = [n for n in names if n not in REMAT_GRANULARITIES]
+  if bad:
+    raise ValueError(f"model.remat {spec!r}: unknown granularit{'y' if len(bad) == 1 else 'ies'} "
+                     f"{bad}; choose 'none' or a combination of {list(REMAT_GRANULARITIES)}")
+  out = set(names)
+  if bool(get(get(model_cfg, "backbone", {}), "remat", False)):
+    out.add("block")
+  return frozenset(out)
+
+
+def remat_policy(model_cfg):
+  """The ``jax.checkpoint_policies`` function named by ``model.remat_policy``."""
+  import jax
+  try:
+    name = model_cfg["remat_policy"]
+  except (KeyError, AttributeError, TypeError):
+    name = None
+  name = "nothing_saveable" if name is None else str(name)
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy {name!r} is not one of {sorted(REMAT_POLICIES)}")
+  return getattr(jax.checkpoint_policies, REMAT_POLICIES[name])
 
 
 def load_config_file(path: str):

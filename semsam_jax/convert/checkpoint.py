@@ -218,7 +218,8 @@ def _flat_keys(d, prefix=()):
 def validate_config(config, meta_flat: Mapping[tuple, Any], where: str = "checkpoint") -> None:
   """Checks a checkpoint's config against our schema and its parameters.
 
-  Every field of :func:`semsam_jax.config.model_config` must be present, and
+  Every field of :func:`semsam_jax.config.model_config` must be present
+  (except the training-only ``OPTIONAL_MODEL_FIELDS``, e.g. ``remat``), and
   the model that the config describes must have exactly the parameter
   names and shapes of ``meta_flat`` (``{path tuple: obj with .shape}``).
   Nothing is allocated (``jax.eval_shape``).
@@ -227,9 +228,10 @@ def validate_config(config, meta_flat: Mapping[tuple, Any], where: str = "checkp
     CheckpointError: naming the missing fields or the first mismatched
       parameters with both shapes.
   """
-  from semsam_jax.config import model_config
+  from semsam_jax.config import OPTIONAL_MODEL_FIELDS, model_config
   have = set(_flat_keys(config.to_dict()))
-  missing = sorted(".".join(k) for k in _flat_keys(model_config().to_dict()) if k not in have)
+  missing = sorted(".".join(k) for k in _flat_keys(model_config().to_dict())
+                   if k not in have and k not in OPTIONAL_MODEL_FIELDS)
   if missing:
     raise CheckpointError(f"{where}: config.json lacks field(s) {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))

@@ -32,7 +32,7 @@ one image embedding can serve many prompt batches via :meth:`decode`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -254,13 +254,21 @@ class TransformerDecoder(nn.Module):
   n_points: int
   dropout: float = 0.0
   msda_impl: str = "auto"
+  remat_layers: bool = False               # rematerialise each layer's __call__
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    layer_cls = DeformableDecoderLayer
+    if self.remat_layers:
+      # Lifted-call arguments: 0 the module, then tgt, query_pos,
+      # reference_points, value, spatial_shapes (5), attn_mask, deterministic (7).
+      layer_cls = nn.remat(DeformableDecoderLayer, static_argnums=(5, 7),
+                           policy=self.remat_policy)
     self.layers = [
-        DeformableDecoderLayer(self.d_model, self.d_ffn, self.num_heads, self.n_levels,
+        layer_cls(self.d_model, self.d_ffn, self.num_heads, self.n_levels,
                                self.n_points, dropout=self.dropout,
                                msda_impl=self.msda_impl, **kw)
         for _ in range(self.num_layers)]
@@ -313,6 +321,8 @@ class GranularityDecoder(nn.Module):
   # Memory tokens per chunk of the value projections in project_memory (0:
   # all at once); speed and memory only, the results do not depend on it.
   memory_chunk: int = 0
+  remat_layers: bool = False               # rematerialise each decoder layer (training)
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -347,7 +357,8 @@ class GranularityDecoder(nn.Module):
     self.decoder = TransformerDecoder(
         c, self.dim_feedforward, self.num_heads, self.num_layers,
         self.total_num_feature_levels, self.n_points, dropout=self.dropout,
-        msda_impl=self.msda_impl, **kw)
+        msda_impl=self.msda_impl, remat_layers=self.remat_layers,
+        remat_policy=self.remat_policy, **kw)
     self.bbox_embed = _ZeroLastMLP(c, 4, 3, **kw)
     self.iou_prediction_head = MLP(c, 1, 3, **kw)
 
@@ -458,8 +469,8 @@ class GranularityDecoder(nn.Module):
       ref_in = jnp.broadcast_to(reference[:, :, None, :], (b, q, levels, 4))
       value = memory.values[i] if memory.values is not None else layer.project_value(
           memory.memory)
-      output = layer(output, query_pos, ref_in, value, memory.spatial_shapes,
-                     attn_mask=attn_mask, deterministic=deterministic)
+      output = layer(output, query_pos, ref_in, value, memory.spatial_shapes, attn_mask,
+                     deterministic)
       delta = self.bbox_embed(output).astype(jnp.float32)
       new_reference = jax.nn.sigmoid(delta + inverse_sigmoid(reference))
       reference = jax.lax.stop_gradient(new_reference)

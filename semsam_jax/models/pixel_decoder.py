@@ -28,7 +28,7 @@ granularity decoder consumes.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -247,6 +247,8 @@ class DeformableEncoder(nn.Module):
   dropout: float = 0.0
   msda_impl: str = "auto"
   query_chunk: int = 0
+  remat_layers: bool = False               # rematerialise each layer (nn.remat)
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -256,13 +258,19 @@ class DeformableEncoder(nn.Module):
     b = src.shape[0]
     ref = encoder_reference_points(spatial_shapes)                     # (S, 2)
     ref = jnp.broadcast_to(ref[None, :, None, :], (b, ref.shape[0], len(spatial_shapes), 2))
+    layer_cls = DeformableEncoderLayer
+    if self.remat_layers:
+      # Lifted-call arguments: 0 the module, then src, pos, reference_points,
+      # spatial_shapes (4), padding_mask (5), deterministic (6).
+      layer_cls = nn.remat(DeformableEncoderLayer, static_argnums=(4, 5, 6),
+                           policy=self.remat_policy)
     out = src
     for i in range(self.num_layers):
-      out = DeformableEncoderLayer(
+      out = layer_cls(
           self.d_model, self.d_ffn, self.n_levels, self.n_heads, self.n_points,
           dropout=self.dropout, msda_impl=self.msda_impl, query_chunk=self.query_chunk,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(
-              out, pos, ref, spatial_shapes, None, deterministic=deterministic)
+              out, pos, ref, spatial_shapes, None, deterministic)
     return out
 
 
@@ -277,6 +285,8 @@ class DeformableTransformerEncoderOnly(nn.Module):
   n_points: int
   msda_impl: str = "auto"
   query_chunk: int = 0
+  remat_layers: bool = False
+  remat_policy: Optional[Callable] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -298,7 +308,8 @@ class DeformableTransformerEncoderOnly(nn.Module):
     memory = DeformableEncoder(
         self.num_encoder_layers, self.d_model, self.d_ffn, self.n_levels, self.n_heads,
         self.n_points, dropout=self.dropout, msda_impl=self.msda_impl,
-        query_chunk=self.query_chunk, dtype=self.dtype, param_dtype=self.param_dtype,
+        query_chunk=self.query_chunk, remat_layers=self.remat_layers,
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
         name="encoder")(
             flat, lvl_pos, shapes, deterministic=deterministic)
     outs, start = [], 0
@@ -333,6 +344,8 @@ class DeformablePixelDecoder(nn.Module):
   strides: tuple[tuple[str, int], ...] = tuple(DEFAULT_STRIDES.items())
   msda_impl: str = "auto"
   query_chunk: int = 0
+  remat_encoder_layers: bool = False       # rematerialise each encoder layer
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -455,6 +468,7 @@ class DeformablePixelDecoder(nn.Module):
         d_model=c, n_heads=self.num_heads, num_encoder_layers=self.num_encoder_layers,
         d_ffn=self.dim_feedforward, dropout=self.dropout, n_levels=len(srcs),
         n_points=self.n_points, msda_impl=self.msda_impl, query_chunk=self.query_chunk,
+        remat_layers=self.remat_encoder_layers, remat_policy=self.remat_policy,
         name="transformer", **kw)(
             srcs, pos, deterministic=deterministic)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from semsam_jax.config import remat_granularities, remat_policy
 from semsam_jax.models.granularity_decoder import GranularityDecoder
 from semsam_jax.models.pixel_decoder import DeformablePixelDecoder
 from semsam_jax.models.swin import SwinTransformer
@@ -51,18 +52,24 @@ class SemanticSAM(nn.Module):
   def setup(self):
     cfg = freeze_config(self.config)
     dtype, pdtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    remat = remat_granularities(cfg)
+    policy = remat_policy(cfg) if remat else None
     self.backbone = SwinTransformer.from_config(
         cfg.backbone, token_chunk=int(cfg.get("backbone_token_chunk", 0)),
         attention_impl=str(cfg.get("window_attention_impl", "auto")), dtype=dtype,
-        param_dtype=pdtype)
+        param_dtype=pdtype, remat="block" in remat, remat_stages="stage" in remat,
+        remat_policy=policy)
     e = cfg.backbone.embed_dim
     in_channels = {f"res{i + 2}": e * 2 ** i for i in range(4)}
     self.pixel_decoder = DeformablePixelDecoder.from_config(
         cfg.pixel_decoder, in_channels=in_channels, msda_impl=cfg.msda_impl,
-        query_chunk=int(cfg.get("memory_token_chunk", 0)), dtype=dtype, param_dtype=pdtype)
+        query_chunk=int(cfg.get("memory_token_chunk", 0)),
+        remat_encoder_layers="encoder_layer" in remat, remat_policy=policy, dtype=dtype,
+        param_dtype=pdtype)
     self.predictor = GranularityDecoder.from_config(
         cfg.decoder, msda_impl=cfg.msda_impl, memory_chunk=int(cfg.get("memory_token_chunk", 0)),
-        dtype=dtype, param_dtype=pdtype)
+        remat_layers="decoder_layer" in remat, remat_policy=policy, dtype=dtype,
+        param_dtype=pdtype)
 
   def embed_image(self, images, deterministic: bool = True,
                   decoder_memory: bool = True) -> dict:

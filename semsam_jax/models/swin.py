@@ -32,7 +32,7 @@ derived with numpy from the (static) input shape at trace time.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -405,7 +405,8 @@ class BasicLayer(nn.Module):
   attn_drop: float = 0.0
   drop_path: Sequence[float] = ()
   downsample: bool = False
-  remat: bool = False
+  remat: bool = False                 # rematerialise each block
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   token_chunk: int = 0
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
@@ -416,7 +417,7 @@ class BasicLayer(nn.Module):
     block_cls = SwinTransformerBlock
     if self.remat:
       # Argument 0 is the module itself, so ``deterministic`` is argument 2.
-      block_cls = nn.remat(SwinTransformerBlock, static_argnums=(2,))
+      block_cls = nn.remat(SwinTransformerBlock, static_argnums=(2,), policy=self.remat_policy)
     rates = tuple(self.drop_path) or (0.0,) * self.depth
     if len(rates) != self.depth:
       raise ValueError(f"{len(rates)} drop-path rates for {self.depth} blocks")
@@ -482,7 +483,9 @@ class SwinTransformer(nn.Module):
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
   out_features: Sequence[str] = FEATURE_NAMES
-  remat: bool = False
+  remat: bool = False                 # rematerialise each block (nn.remat)
+  remat_stages: bool = False          # rematerialise each stage (blocks + patch merging)
+  remat_policy: Optional[Callable] = None  # jax.checkpoint_policies member (None: save nothing)
   token_chunk: int = 0
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
@@ -517,6 +520,8 @@ class SwinTransformer(nn.Module):
         out_features=tuple(get("out_features", FEATURE_NAMES)),
         remat=bool(get("remat", False)),
     )
+    # remat / remat_stages / remat_policy normally come from model.remat
+    # (SemanticSAM passes them); backbone.remat = True is its legacy "block".
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -567,16 +572,18 @@ class SwinTransformer(nn.Module):
     outs = {}
     start = 0
     num_stages = len(self.depths)
+    # Argument 0 of the lifted call is the module, so ``deterministic`` is 2.
+    stage_cls = (nn.remat(BasicLayer, static_argnums=(2,), policy=self.remat_policy)
+                 if self.remat_stages else BasicLayer)
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-      stage_out, x = BasicLayer(
+      stage_out, x = stage_cls(
           dim=self.num_features[i], depth=depth, num_heads=heads,
           window_size=self.window_size, mlp_ratio=self.mlp_ratio,
           qkv_bias=self.qkv_bias, qk_scale=self.qk_scale, drop=self.drop_rate,
           attn_drop=self.attn_drop_rate, drop_path=tuple(rates[start:start + depth]),
-          downsample=i < num_stages - 1, remat=self.remat, token_chunk=self.token_chunk,
-          attention_impl=self.attention_impl,
-          name=f"layers_{i}", **kw)(
-              x, deterministic=deterministic)
+          downsample=i < num_stages - 1, remat=self.remat, remat_policy=self.remat_policy,
+          token_chunk=self.token_chunk, attention_impl=self.attention_impl,
+          name=f"layers_{i}", **kw)(x, deterministic)
       start += depth
       # Every stage owns its output norm (the checkpoints hold all of them).
       normed = layer_norm(f"norm{i}", **kw)(stage_out)
