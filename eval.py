@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--config", help="a configs/*.py file (its get_config() .model section is "
                   "the architecture when converting a .pth without --reference-config)")
   ap.add_argument("--checkpoint", metavar="DIR", help="orbax checkpoint directory "
-                  "(python -m semsam_jax.convert, or train.py)")
+                  "(python -m semsam_jax.convert, or train.py's WORKDIR/export). Default, "
+                  "without --torch-checkpoint: the committed tiny checkpoint "
+                  "(semsam_jax/assets/tiny, configs/tiny.py trained on the synthetic data)")
   ap.add_argument("--torch-checkpoint", metavar="PTH",
                   help="original Semantic-SAM .pth (converted on the fly)")
   ap.add_argument("--reference-config", metavar="YAML", help="the original YAML of the .pth")
@@ -99,11 +101,12 @@ def load_model(args, config=None):
     raise EvalError("give either --checkpoint or --torch-checkpoint, not both")
   checkpoint = args.checkpoint
   if not checkpoint and not args.torch_checkpoint:
-    if evaluation.DEFAULT_CHECKPOINT is None:
-      raise EvalError("no model given: pass --checkpoint DIR, or --torch-checkpoint X.pth with "
-                      "--reference-config X.yaml (there is no committed default checkpoint "
-                      "yet)")
-    checkpoint = str(REPO_ROOT / evaluation.DEFAULT_CHECKPOINT)
+    checkpoint = str(evaluation.DEFAULT_CHECKPOINT)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+      raise EvalError(f"no model given and the committed tiny checkpoint is missing "
+                      f"({checkpoint}): pass --checkpoint DIR, or --torch-checkpoint X.pth "
+                      "with --reference-config X.yaml")
+    args.checkpoint = checkpoint
   if checkpoint:
     if not os.path.isdir(checkpoint):
       raise EvalError(f"checkpoint directory not found: {checkpoint}")

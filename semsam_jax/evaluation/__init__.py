@@ -19,10 +19,11 @@ from semsam_jax.evaluation.datasets import (EvalImage, SkipLog, detect_format, i
 from semsam_jax.evaluation.evaluator import PROTOCOLS, EvalOptions, Evaluator, format_table
 from semsam_jax.evaluation.metrics import mask_iou, select_max_oracle, summarize
 
-# Where eval.py looks for its model when no checkpoint is given.  The committed
-# tiny checkpoint (issue 12, item 3) does not exist yet; set this to its
-# directory (relative to the repository root) once it does.
-DEFAULT_CHECKPOINT = None
+from semsam_jax.assets import TINY_CHECKPOINT
+
+# The model eval.py (and the demo with --steps 0) uses when no checkpoint is
+# given: the committed tiny checkpoint (an absolute path inside the package).
+DEFAULT_CHECKPOINT = TINY_CHECKPOINT
 
 __all__ = [
     "DEFAULT_CHECKPOINT", "EvalImage", "EvalOptions", "Evaluator", "PROTOCOLS", "SkipLog",
