@@ -3,12 +3,17 @@
 The architecture of the golden ``tiny_a`` model (Swin embed 32, depths
 2/2/2/2, 64-wide pixel decoder with 2 deformable encoder layers, 64-wide
 decoder with 3 layers, 6 granularity tokens) on 128² crops of the synthetic
-set, 4 prompts per image and 256 loss points: a step takes well under a
-second on 2 CPU cores.  The optimiser is the reference recipe except the
-learning rate (1e-4 with clipping at 0.01 barely moves a model this small in
-a few hundred steps) and the schedule length::
+set (fewer, bigger objects than the generator's defaults; docs/demo.md), 8
+prompts per image and 256 loss points: a step takes well under a second on 2
+CPU cores.  The optimiser is the reference recipe except the learning rate
+(1e-4 with clipping at 0.01 barely moves a model this small in a few hundred
+steps), the backbone's multiplier (1: trained from scratch) and the schedule
+length; clicks are trained with pb = 0 as at inference::
 
     python train.py --config configs/tiny.py --workdir runs/tiny
+
+The committed checkpoint ``semsam_jax/assets/tiny`` is this config trained
+3000 steps (command and metrics in docs/demo.md).
 """
 
 import ml_collections
