@@ -331,3 +331,193 @@ def test_kill_9_one_process_then_restart_both(cache_dir, tmp_path):  # noqa: F81
   _check_params(exported, ref["params"], ref["init"],
                 f"kill -9, resumed from {last}, vs uninterrupted 1x8", HUNGARIAN_UPDATE_RTOL,
                 HUNGARIAN_UPDATE_RTOL)
+
+
+# --- eval.py: fuzzed COCO annotations; 2 processes == 1 process --------------------------------
+
+def _fuzzed_coco(root):
+  """A 64² COCO set: 3 usable images, the rest damaged in one way each.
+
+  Returns (annotation file, {(kind, image_id, ann_id or None): why}) -- every
+  skip eval.py must report -- and the ids of the images it must evaluate."""
+  from PIL import Image
+  from pycocotools import mask as mask_utils
+  rng = np.random.default_rng(13)
+  img_dir = root / "images"
+  img_dir.mkdir(parents=True)
+
+  def picture(name, size=(64, 64)):
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(img_dir / name)
+
+  def box_mask(x0, y0, x1, y1, h=64, w=64):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+  def rle(m):
+    r = mask_utils.encode(np.asfortranarray(m))
+    return {"size": list(r["size"]), "counts": r["counts"].decode()}
+
+  images, anns, expect = [], [], {}
+  aid = iter(range(1, 10**6))
+
+  def ann(image_id, seg, why=None, kind="bad_annotation", **extra):
+    a = {"id": next(aid), "image_id": image_id, "category_id": 1, "iscrowd": 0,
+         "bbox": [0, 0, 8, 8], "segmentation": seg, **extra}
+    anns.append(a)
+    if why:
+      expect[(kind, str(image_id), str(a["id"]))] = why
+    return a
+
+  def image(image_id, name, w=64, h=64, **extra):
+    images.append({"id": image_id, "file_name": name, "width": w, "height": h, **extra})
+
+  # 1: usable; an empty mask, a box far outside the image (kept: eval uses the mask),
+  # random bytes as RLE counts, an RLE of another size.
+  image(1, "a.png"); picture("a.png")
+  ann(1, rle(box_mask(4, 4, 30, 30)))
+  ann(1, [[40, 40, 60, 40, 60, 60, 40, 60]])
+  ann(1, rle(box_mask(10, 40, 20, 60)), bbox=[900, -500, 40, 40])
+  ann(1, rle(np.zeros((64, 64), np.uint8)), "mask has no pixel", kind="empty_mask")
+  ann(1, {"size": [64, 64], "counts": rng.bytes(40).decode("latin-1")}, "RLE counts")
+  ann(1, rle(box_mask(0, 0, 8, 8, 32, 32)), "RLE size")
+  # 2: usable; a NaN polygon, a polygon far outside, an unparsable area, an uncompressed
+  # RLE with a huge run, an RLE with too few runs, a segmentation of a wrong type.
+  image(2, "b.png"); picture("b.png")
+  ann(2, rle(box_mask(20, 5, 50, 25)))
+  ann(2, [[1, 1, float("nan"), 5, 9, 9]], "non-finite")
+  ann(2, [[1, 1, 1e12, 5, 9, 9]], "outside the image")
+  ann(2, rle(box_mask(30, 30, 40, 40)), "area", area="abc")
+  ann(2, {"size": [64, 64], "counts": [10**12, 5]}, "RLE counts do not cover")
+  ann(2, {"size": [64, 64], "counts": "0"}, "RLE counts do not cover")
+  ann(2, 5, "unsupported segmentation type")
+  # 3: random bytes as the image file; 4: no file; 5: size differs from the JSON's;
+  # 6: 1500 annotations (> --max-instances); 7: only a crowd annotation;
+  # 8: file_name not a string.
+  image(3, "c.png"); (img_dir / "c.png").write_bytes(rng.bytes(300))
+  ann(3, rle(box_mask(0, 0, 9, 9)))
+  image(4, "missing.png")
+  ann(4, rle(box_mask(0, 0, 9, 9)))
+  image(5, "e.png", w=50); picture("e.png")
+  ann(5, rle(box_mask(0, 0, 9, 9)))
+  image(6, "f.png"); picture("f.png")
+  tiny = rle(box_mask(2, 2, 4, 4))
+  for _ in range(1500):
+    ann(6, tiny)
+  image(7, "g.png"); picture("g.png")
+  ann(7, rle(box_mask(0, 0, 9, 9)), iscrowd=1)
+  image(8, 12345)
+  ann(8, rle(box_mask(0, 0, 9, 9)))
+  for image_id, kind, why in ((3, "unreadable_image", "cannot read image"),
+                              (4, "unreadable_image", "image not found"),
+                              (5, "unreadable_image", "differs from the annotation file"),
+                              (6, "too_many_instances", "1500 annotations"),
+                              (7, "image_without_annotations", "no non-crowd"),
+                              (8, "unreadable_image", "not a string")):
+    expect[(kind, str(image_id), None)] = why
+  # 9: usable, last in id order.
+  image(9, "i.png"); picture("i.png")
+  ann(9, rle(box_mask(5, 30, 60, 60)))
+  ann(9, rle(box_mask(33, 2, 62, 20)))
+  path = root / "annotations.json"
+  path.write_text(json.dumps({"images": images, "annotations": anns,
+                              "categories": [{"id": 1, "name": "thing"}]}))
+  return path, expect, ["1", "2", "9"]
+
+
+def _eval_cmd(tiny, dataset, out, *extra):
+  return [sys.executable, str(REPO / "eval.py"), "--torch-checkpoint", str(tiny / "model.pth"),
+          "--reference-config", str(tiny / "config.yaml"), "--dataset", str(dataset),
+          "--output", str(out), "--min-size", "0", "--max-size", "0", "--no-progress", *extra]
+
+
+def _eval_env(cache_dir):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla_eval"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return env
+
+
+@pytest.fixture(scope="module")
+def fuzzed_eval(tmp_path_factory):
+  """eval.py (one process) on the fuzzed COCO set: (dataset, expectations, output, result)."""
+  from tests.golden import model_dirs, require_golden
+  require_golden()
+  tiny = model_dirs()[0]
+  root = tmp_path_factory.mktemp("fuzzed_coco")
+  ann_file, expect, usable = _fuzzed_coco(root / "coco")
+  out = root / "out1"
+  res = subprocess.run(_eval_cmd(tiny, ann_file, out), env=_eval_env(root), cwd=root,
+                       capture_output=True, text=True, timeout=600)
+  return {"tiny": tiny, "root": root, "dataset": ann_file, "expect": expect,
+          "usable": usable, "out": out, "res": res}
+
+
+def test_eval_fuzzed_annotations_reported_and_skipped(fuzzed_eval):
+  res, out = fuzzed_eval["res"], fuzzed_eval["out"]
+  assert res.returncode == 0, res.stderr[-4000:]
+  assert "Traceback" not in res.stderr
+  report = json.loads((out / "metrics.json").read_text())
+  records = json.loads((out / "instances.json").read_text())
+  # The usable images, with exactly their usable annotations (3 + 1 + 2), are evaluated.
+  assert report["metrics"]["num_images"] == 3
+  assert sorted({r["image_id"] for r in records}) == fuzzed_eval["usable"]
+  assert report["metrics"]["coco_interactive.num_instances"] == len(records) == 6
+  assert all(0.0 <= r["iou_max"] <= r["iou_oracle"] <= 1.0 for r in records)
+  # Every damage reported once, with its reason; nothing else skipped.
+  got = {(e["kind"], e["image_id"], e.get("ann_id")): e["detail"]
+         for e in report["skipped"]["entries"]}
+  assert len(got) == len(report["skipped"]["entries"])
+  assert got.keys() == fuzzed_eval["expect"].keys(), (got, fuzzed_eval["expect"])
+  for key, why in fuzzed_eval["expect"].items():
+    assert why in got[key], (key, got[key])
+  assert "skipped:" in res.stdout
+  # Nothing half-written: the three files, no temporary left.
+  assert sorted(p.name for p in out.iterdir()) == ["instances.json", "metrics.json",
+                                                   "metrics.md"]
+
+
+def test_eval_unusable_annotation_file_is_a_clear_error(fuzzed_eval, tmp_path):
+  """Not a COCO file at all: one error line, status 1, no output folder."""
+  rng = np.random.default_rng(3)
+  cases = {"bytes.json": rng.bytes(2000),
+           "cut.json": fuzzed_eval["dataset"].read_bytes()[:5000],
+           "nolist.json": json.dumps({"images": 5, "annotations": {"a": 1}}).encode()}
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+    out = tmp_path / ("out_" + name)
+    res = subprocess.run(_eval_cmd(fuzzed_eval["tiny"], tmp_path / name, out),
+                         env=_eval_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1, (name, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr, (name, res.stderr[-2000:])
+    err = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert err and name in err[0], (name, res.stderr[-2000:])
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_eval_two_processes_equal_one(fuzzed_eval):
+  """eval.py as a 2-process job (1 device each) writes the report of one process."""
+  assert fuzzed_eval["res"].returncode == 0, fuzzed_eval["res"].stderr[-3000:]
+  out = fuzzed_eval["root"] / "out2"
+  env = _eval_env(fuzzed_eval["root"])
+  env.pop("XLA_FLAGS")
+  res = subprocess.run([sys.executable, str(REPO / "scripts/local_multiprocess.py"), "-n", "2",
+                        "-d", "1", "--timeout", "500", "--",
+                        *_eval_cmd(fuzzed_eval["tiny"], fuzzed_eval["dataset"], out)],
+                       env=env, cwd=fuzzed_eval["root"], capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stdout[-4000:]
+  assert "[p0] results:" in res.stdout and "[p1] results:" not in res.stdout
+  one = json.loads((fuzzed_eval["out"] / "metrics.json").read_text())
+  two = json.loads((out / "metrics.json").read_text())
+  assert two["settings"]["processes"] == 2 and two["settings"]["devices"] == 2
+  assert one["settings"]["processes"] == 1
+  # Both processes evaluated some of the usable images (positions 0, 1 and 8 of 9).
+  assert two["metrics"] == one["metrics"]
+  assert two["skipped"] == one["skipped"]
+  assert two["dataset"] == one["dataset"]
+  for f in ("instances.json", "metrics.md"):
+    assert (out / f).read_text() == (fuzzed_eval["out"] / f).read_text(), f
