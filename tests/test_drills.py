@@ -521,3 +521,29 @@ def test_eval_two_processes_equal_one(fuzzed_eval):
   assert two["dataset"] == one["dataset"]
   for f in ("instances.json", "metrics.md"):
     assert (out / f).read_text() == (fuzzed_eval["out"] / f).read_text(), f
+
+
+@pytest.mark.parametrize("num_images", [None, 1, 2])
+def test_eval_shards_merge_to_one_process(tmp_path, num_images):
+  """The readers' shards, merged as eval.py merges them (dataset order, cut to the
+  first ``num_images`` usable images), give one process's images and skip log."""
+  from semsam_jax import evaluation as ev
+  ann_file, _, usable = _fuzzed_coco(tmp_path / "coco")
+
+  def read(shard):
+    log = ev.SkipLog()
+    images = list(ev.iter_coco(ann_file, ann_file.parent / "images", num_images, 0, 0, log,
+                               shard=shard, max_instances=1024))
+    return [{"position": x.position, "seq": i, "image_id": x.image_id}
+            for i, x in enumerate(images)], log
+
+  one, one_log = read((0, 1))
+  parts = [read((p, 3)) for p in range(3)]
+  assert all(len(r) <= (num_images or 3) for r, _ in parts)
+  merged = ev.sorted_results([r for rs, _ in parts for r in rs], num_images)
+  up_to = merged[-1]["position"] if num_images is not None and len(merged) == num_images \
+      else None
+  log = ev.SkipLog.merged([l for _, l in parts], up_to)
+  assert [r["image_id"] for r in merged] == [r["image_id"] for r in one] == \
+      usable[:num_images]
+  assert log.entries == one_log.entries and log.positions == one_log.positions
