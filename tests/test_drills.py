@@ -176,16 +176,19 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
   from semsam_jax.convert.checkpoint import load_checkpoint
   _, exported = load_checkpoint(work / "export")
   _check_params(exported, ref["params"], ref["init"], f"2x4 vs 1x8 after {k + 1} steps",
-                FIXED_MATCH_RTOL, FIXED_MATCH_RTOL)
+                FIXED_MATCH_RTOL, FIXED_MATCH_UPDATE_RTOL)
 
 
 # Bounds (docs/reliability.md "Tolerances").  Fixed matching: float noise only
-# (gloo sums across processes in another order than one process).  Hungarian
+# (gloo sums across processes in another order than one process): losses and
+# params 1e-5 (measured <= 7.9e-8 and 6.8e-10); the total update params - init,
+# a far smaller vector, measured 2.5e-6 and 4.4e-6 relative, bounded at 3e-5.  Hungarian
 # matching: that noise flips near-tie assignments of the random-init model
 # from step 2 on (measured up to 1.6e-3 on a step's loss, 1.3e-3 on the total
 # update, 6e-2 on single tensors); a wrong batch, rng or a lost or repeated step
 # moves both by percents to O(1).
 FIXED_MATCH_RTOL = 1e-5
+FIXED_MATCH_UPDATE_RTOL = 3e-5
 HUNGARIAN_LOSS_RTOL = 5e-3
 HUNGARIAN_UPDATE_RTOL = 5e-2
 
