@@ -16,7 +16,8 @@ from semsam_jax.evaluation.clicks import (center_click, center_clicks, click_box
                                           kornia_distance_transform)
 from semsam_jax.evaluation.datasets import (EvalImage, SkipLog, detect_format, iter_coco,
                                             iter_semsam_data)
-from semsam_jax.evaluation.evaluator import PROTOCOLS, EvalOptions, Evaluator, format_table
+from semsam_jax.evaluation.evaluator import (PROTOCOLS, EvalOptions, Evaluator, format_table,
+                                             metrics_of, sorted_results)
 from semsam_jax.evaluation.metrics import mask_iou, select_max_oracle, summarize
 
 from semsam_jax.assets import TINY_CHECKPOINT
@@ -28,6 +29,6 @@ DEFAULT_CHECKPOINT = TINY_CHECKPOINT
 __all__ = [
     "DEFAULT_CHECKPOINT", "EvalImage", "EvalOptions", "Evaluator", "PROTOCOLS", "SkipLog",
     "center_click", "center_clicks", "click_boxes", "detect_format", "format_table",
-    "iter_coco", "iter_semsam_data", "kornia_distance_transform", "mask_iou",
-    "select_max_oracle", "summarize",
+    "iter_coco", "iter_semsam_data", "kornia_distance_transform", "mask_iou", "metrics_of",
+    "select_max_oracle", "sorted_results", "summarize",
 ]
