@@ -16,6 +16,13 @@ Oracle, NoC@{0.5,0.8,0.85,0.9}, per COCO area range), ``multi_granularity``
 ``semsam_jax.data`` (``--split``).  Results: a table on stdout and in
 ``OUTPUT/metrics.md``, every metric in ``OUTPUT/metrics.json``, per-instance
 IoUs and clicks in ``OUTPUT/instances.json``.  See docs/evaluation.md.
+
+Multi-process (one process per host, docs/reliability.md): with
+``JAX_COORDINATOR_ADDRESS`` (and ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``) set,
+or with ``--distributed`` (cluster auto-detection), every process joins JAX's
+runtime, evaluates every P-th image (positions p, p + P, ... of the dataset
+order) on its local devices, the per-image results are gathered, and process 0
+alone writes and prints the report -- the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--config", help="a configs/*.py file (its get_config() .model section is "
                   "the architecture when converting a .pth without --reference-config)")
   ap.add_argument("--checkpoint", metavar="DIR", help="orbax checkpoint directory "
-                  "(python -m semsam_jax.convert, or train.py)")
+                  "(python -m semsam_jax.convert, or train.py's WORKDIR/export). Default, "
+                  "without --torch-checkpoint: the committed tiny checkpoint "
+                  "(semsam_jax/assets/tiny, configs/tiny.py trained on the synthetic data)")
   ap.add_argument("--torch-checkpoint", metavar="PTH",
                   help="original Semantic-SAM .pth (converted on the fly)")
   ap.add_argument("--reference-config", metavar="YAML", help="the original YAML of the .pth")
@@ -70,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0, help="multi-granularity sampling seed")
   ap.add_argument("--precision", choices=("default", "high", "highest"), default="default",
                   help="jax matmul precision")
+  ap.add_argument("--max-instances", type=int, default=1024,
+                  help="skip (and report) images with more usable annotations than this: "
+                       "their prompts are scored in one step, whose memory grows with the "
+                       "square of the prompt count")
+  ap.add_argument("--distributed", action="store_true",
+                  help="call jax.distributed.initialize() with cluster auto-detection (TPU "
+                       "pod slices, SLURM) even without JAX_COORDINATOR_ADDRESS")
   ap.add_argument("--no-progress", dest="progress", action="store_false")
   return ap
 
@@ -99,11 +115,12 @@ def load_model(args, config=None):
     raise EvalError("give either --checkpoint or --torch-checkpoint, not both")
   checkpoint = args.checkpoint
   if not checkpoint and not args.torch_checkpoint:
-    if evaluation.DEFAULT_CHECKPOINT is None:
-      raise EvalError("no model given: pass --checkpoint DIR, or --torch-checkpoint X.pth with "
-                      "--reference-config X.yaml (there is no committed default checkpoint "
-                      "yet)")
-    checkpoint = str(REPO_ROOT / evaluation.DEFAULT_CHECKPOINT)
+    checkpoint = str(evaluation.DEFAULT_CHECKPOINT)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+      raise EvalError(f"no model given and the committed tiny checkpoint is missing "
+                      f"({checkpoint}): pass --checkpoint DIR, or --torch-checkpoint X.pth "
+                      "with --reference-config X.yaml")
+    args.checkpoint = checkpoint
   if checkpoint:
     if not os.path.isdir(checkpoint):
       raise EvalError(f"checkpoint directory not found: {checkpoint}")
@@ -132,6 +149,25 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
     raise
 
 
+def _gather(evaluator, skipped, num_images):
+  """All processes' per-image results and skip logs, merged in dataset order
+  (the first ``num_images`` usable images, as one process would stop)."""
+  from semsam_jax import evaluation as ev
+  from semsam_jax.distributed import allgather_bytes
+  mine = json.dumps({"results": evaluator.results, "entries": skipped.entries,
+                     "positions": skipped.positions, "devices": evaluator.num_devices})
+  parts = [json.loads(b) for b in allgather_bytes(mine.encode())]
+  results = ev.sorted_results([r for p in parts for r in p["results"]], num_images)
+  logs = []
+  for p in parts:
+    log = ev.SkipLog()
+    log.entries, log.positions = p["entries"], p["positions"]
+    logs.append(log)
+  up_to = results[-1]["position"] if num_images is not None and len(results) == num_images \
+      else None
+  return results, ev.SkipLog.merged(logs, up_to), sum(p["devices"] for p in parts)
+
+
 def run(args) -> dict:
   import contextlib
   import jax
@@ -139,6 +175,10 @@ def run(args) -> dict:
 
   if args.num_images is not None and args.num_images < 1:
     raise EvalError("--num-images must be >= 1")
+  if args.max_instances < 1:
+    raise EvalError("--max-instances must be >= 1")
+  shard = (jax.process_index(), jax.process_count())
+  is_main = shard[0] == 0
   protocols = ev.PROTOCOLS if args.protocol == "all" else (args.protocol,)
   kind, where = ev.detect_format(args.dataset)
   default_min, default_max = (800, 1333) if kind == "coco" else (0, 0)
@@ -153,25 +193,29 @@ def run(args) -> dict:
   config, params = load_model(args, config_file)
   split = args.split or _default_split(config_file)
   opts = ev.EvalOptions(protocols=protocols, click_method=args.click, batch_size=args.batch_size,
-                        mg_max_clicks=args.mg_max_clicks, seed=args.seed, progress=args.progress)
+                        mg_max_clicks=args.mg_max_clicks, seed=args.seed,
+                        progress=args.progress and is_main)
   skipped = ev.SkipLog()
   if kind == "coco":
     image_dir = args.image_dir or where["image_dir"]
     images = ev.iter_coco(where["annotation_file"], image_dir, args.num_images, min_size,
-                          max_size, skipped)
+                          max_size, skipped, shard=shard, max_instances=args.max_instances)
     source = {"format": "coco", "annotation_file": str(where["annotation_file"]),
               "image_dir": str(image_dir)}
   else:
     images = ev.iter_semsam_data(where["data_dir"], split, args.num_images, min_size,
-                                 max_size, skipped)
+                                 max_size, skipped, shard=shard,
+                                 max_instances=args.max_instances)
     source = {"format": "semsam_data", "data_dir": str(where["data_dir"]), "split": split}
   precision = (contextlib.nullcontext() if args.precision == "default"
                else jax.default_matmul_precision(args.precision))
-  evaluator = ev.Evaluator(config, params, opts)
+  evaluator = ev.Evaluator(config, params, opts)     # this process's devices
   with precision:
-    metrics = evaluator.evaluate(images, total=args.num_images)
+    evaluator.evaluate(images, total=args.num_images)
+  results, skipped, devices = _gather(evaluator, skipped, args.num_images)
+  metrics, records = ev.metrics_of(results, protocols)
   elapsed = time.time() - t0
-  if evaluator.num_images == 0:
+  if not results:
     raise EvalError(f"no image could be evaluated in {args.dataset}\n{skipped.summary()}")
 
   table = ev.format_table(metrics)
@@ -179,29 +223,34 @@ def run(args) -> dict:
       "metrics": metrics,
       "settings": {"protocols": list(protocols), "click": args.click, "min_size": min_size,
                    "max_size": max_size, "mg_max_clicks": args.mg_max_clicks, "seed": args.seed,
-                   "batch_size": evaluator.batch_size, "devices": evaluator.num_devices,
+                   "batch_size": evaluator.batch_size, "processes": shard[1],
+                   "devices": devices, "max_instances": args.max_instances,
                    "checkpoint": args.checkpoint or args.torch_checkpoint},
       "dataset": source,
       "skipped": {"counts": skipped.counts(), "entries": skipped.entries},
       "seconds": round(elapsed, 1),
   }
+  if not is_main:
+    return report
   try:            # created only now: a failed run leaves no empty folder behind
     out_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise EvalError(f"cannot create output folder {out_dir}: {e}") from None
-  _atomic_write(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
-  _atomic_write(out_dir / "metrics.md", table + "\n")
+  # Each file whole (temp + rename); metrics.json, the summary, last.
   if "coco_interactive" in protocols:
-    _atomic_write(out_dir / "instances.json",
-                  json.dumps(evaluator.interactive.records, indent=0) + "\n")
+    _atomic_write(out_dir / "instances.json", json.dumps(records, indent=0) + "\n")
+  _atomic_write(out_dir / "metrics.md", table + "\n")
+  _atomic_write(out_dir / "metrics.json", json.dumps(report, indent=1) + "\n")
   print(table)
-  print(f"\n{evaluator.num_images} image(s) in {elapsed:.1f} s; {skipped.summary()}")
+  print(f"\n{len(results)} image(s) in {elapsed:.1f} s; {skipped.summary()}")
   print(f"results: {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'}")
   return report
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  from semsam_jax.distributed import initialize_from_env
+  initialize_from_env(auto=args.distributed)
   try:
     run(args)
   except KeyboardInterrupt:

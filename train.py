@@ -9,7 +9,6 @@ collectives are gloo.  ``scripts/local_multiprocess.py`` starts such a job on
 one machine; docs/reliability.md.  See README "Training".
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -24,29 +23,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _maybe_initialize_distributed():
-  import jax
-  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if (addr or _DISTRIBUTED.value) and os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # CPU devices of different processes talk through gloo (the default
-    # CPU collectives cannot cross processes).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if addr:
-    kwargs = {"coordinator_address": addr}
-    if "JAX_NUM_PROCESSES" in os.environ:
-      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if "JAX_PROCESS_ID" in os.environ:
-      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  _maybe_initialize_distributed()
+  from semsam_jax.distributed import initialize_from_env
+  initialize_from_env(auto=_DISTRIBUTED.value)
   from semsam_jax.training.loop import NonFiniteError, train
   try:
     result = train(_CONFIG.value, _WORKDIR.value)

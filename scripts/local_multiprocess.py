@@ -4,7 +4,7 @@
         --timeout 600 -- python train.py --config configs/tiny.py --workdir runs/mp
 
 Each child gets the coordinator environment that ``train.py`` / ``eval.py``
-read (``_maybe_initialize_distributed``): ``JAX_COORDINATOR_ADDRESS``
+read (``semsam_jax.distributed.initialize_from_env``): ``JAX_COORDINATOR_ADDRESS``
 (127.0.0.1:<free port>), ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; plus
 ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` and
 ``JAX_PLATFORMS=cpu``.  On CPU the programs switch the cross-process

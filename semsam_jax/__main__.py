@@ -8,8 +8,11 @@ auto:    whole-image mask generation at the chosen levels -> a coloured
   overlay PNG and masks.json of SAM-style records with COCO-RLE masks.
 
 The model comes from an orbax checkpoint written by ``python -m
-semsam_jax.convert`` (--checkpoint) or from an original .pth + YAML
-(--torch-checkpoint with --reference-config, converted on the fly).
+semsam_jax.convert`` or ``train.py`` (--checkpoint) or from an original .pth +
+YAML (--torch-checkpoint with --reference-config, converted on the fly).
+Without either, the committed tiny checkpoint (``semsam_jax/assets/tiny``:
+configs/tiny.py trained on the synthetic data, docs/demo.md) is used; it
+segments the synthetic images, not natural ones.
 
 Like the original demos, the image is first resized (bicubic) so that its
 short side is --short-side pixels (640 by default; 0 keeps the input size),
@@ -114,8 +117,14 @@ def _check_model_args(args) -> None:
     return
   if args.torch_checkpoint:
     raise CliError("--torch-checkpoint needs --reference-config X.yaml")
-  raise CliError("give --checkpoint DIR, or --torch-checkpoint X.pth with "
-                 "--reference-config X.yaml")
+  if args.reference_config:
+    raise CliError("--reference-config goes with --torch-checkpoint")
+  from semsam_jax.assets import default_checkpoint
+  try:
+    args.checkpoint = default_checkpoint()
+  except FileNotFoundError as e:
+    raise CliError(f"no model given and {e}: give --checkpoint DIR, or --torch-checkpoint "
+                   "X.pth with --reference-config X.yaml") from None
 
 
 def _check_common(args) -> None:
@@ -379,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the PNG/JSON outputs go (created at the end of a successful "
                         "run; earlier outputs of this command there are replaced)")
     m = p.add_argument_group(
-        "model (required: --checkpoint DIR, or --torch-checkpoint PTH with "
-        "--reference-config YAML)")
+        "model (--checkpoint DIR, or --torch-checkpoint PTH with --reference-config YAML; "
+        "default: the committed tiny checkpoint, trained on the synthetic data)")
     m.add_argument("--checkpoint", metavar="DIR",
-                   help="orbax checkpoint dir from `python -m semsam_jax.convert`")
+                   help="orbax checkpoint dir from `python -m semsam_jax.convert` or "
+                        "train.py (WORKDIR/export); default: semsam_jax/assets/tiny")
     m.add_argument("--torch-checkpoint", metavar="PTH",
                    help="original Semantic-SAM .pth (converted on the fly)")
     m.add_argument("--reference-config", metavar="YAML",

@@ -6,7 +6,8 @@ Covers both deformable-attention paths (16 samples per head: the vectorised
 corner geometry; 6 samples: the generic lanes), 32 and 24 channels (register
 and generic channel loops), forward, backward and the query forward; window
 attention with and without the shifted-window mask (windows of 7 and 12: the
-register paths; 5: generic); and the mask threshold counts.
+register paths; 5: generic); the mask threshold counts; and the objective's
+point reads (maps forward and gradient, packed masks, uncertainty sampling).
 """
 from __future__ import annotations
 
@@ -45,11 +46,18 @@ def inputs() -> dict:
         bias=f32(rng.standard_normal((heads, n, n))),
         mask=f32(np.where(rng.uniform(size=(3, n, n)) < 0.3, -100.0, 0.0)))
   res["mask_logits"] = f32(rng.standard_normal((5, 17, 23)) * 3)
+  res["points"] = dict(
+      maps=f32(rng.standard_normal((2, 6, 13, 17))),
+      index=rng.integers(0, 6, (2, 5)).astype(np.int32),
+      coords=f32(rng.uniform(-0.1, 1.1, (2, 5, 40, 2))),
+      cot=f32(rng.standard_normal((2, 5, 40))),
+      masks=np.packbits(rng.uniform(size=(2, 3, 26, 32)) < 0.5, axis=-1, bitorder="little"),
+      seeds=rng.integers(0, 2**32, (2, 5), dtype=np.uint64).astype(np.uint32))
   return res
 
 
 def outputs() -> dict[str, np.ndarray]:
-  from semsam_jax.kernels import mask_stats, msda_cpu, window_attention
+  from semsam_jax.kernels import mask_stats, msda_cpu, point_sample, window_attention
   x = inputs()
   res = {}
   for tag, a in x["msda"].items():
@@ -66,6 +74,15 @@ def outputs() -> dict[str, np.ndarray]:
           a["qkv"], a["bias"], mask, a["heads"], a["scale"]))
   res["mask_counts"] = np.asarray(mask_stats.mask_threshold_counts(
       x["mask_logits"], np.array([60, 85], np.int32), np.array([-1.0, 0.0, 1.0], np.float32), 4))
+  pt = x["points"]
+  out, vjp = jax.vjp(lambda m: point_sample.sample_maps(m, pt["index"], pt["coords"]),
+                     pt["maps"])
+  res["points_sample"] = np.asarray(out)
+  res["points_sample_grad"] = np.asarray(vjp(jnp.asarray(pt["cot"]))[0])
+  res["points_packed"] = np.asarray(point_sample.sample_packed_masks(
+      pt["masks"], pt["index"] % 3, pt["coords"]))
+  res["points_uncertain"] = np.asarray(point_sample.uncertain_points(
+      pt["maps"], pt["index"], pt["seeds"], 90, 30, 10))
   return res
 
 

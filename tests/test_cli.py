@@ -190,7 +190,8 @@ def test_errors_are_reported_before_loading(tmp_path, tiny_files, capsys, monkey
       ((*im, *model), "--points and/or --boxes"),
       ((*im, "--checkpoint", tmp_path / "nope", "--points", "1,1"),
        "checkpoint directory not found"),
-      ((*im, "--points", "1,1"), "--checkpoint"),
+      ((*im, "--reference-config", tiny_files[1], "--points", "1,1"),
+       "--reference-config goes with --torch-checkpoint"),
       ((*im, "--torch-checkpoint", tiny_files[0], "--points", "1,1"), "--reference-config"),
       ((*im, *model, "--points", "1,1", "--size-buckets", "big"), "--size-buckets"),
       ((*im, *model, "--points", "1,1", "--short-side", "-5"), "--short-side must be >= 0"),
@@ -249,7 +250,8 @@ def test_help_and_version(capsys):
   for name, p in sub.items():
     assert p.description, f"{name} has no description"
     text = p.format_help()
-    assert "required: --checkpoint DIR, or --torch-checkpoint PTH with" in text
+    assert "--checkpoint DIR, or --torch-checkpoint PTH with --reference-config YAML; " \
+        "default: the committed tiny checkpoint" in " ".join(text.split())
     assert "do not show progress bars" in text
     for action in p._actions:
       if action.help in (None, argparse_suppress()) or not action.option_strings:

@@ -1,6 +1,6 @@
 """grain loader: deterministic in the seed, the iterator state restored (orbax,
 as the train loop saves it, and get_state/set_state) continues with the
-identical batches, per-process sharding is disjoint and covers the split, and
+identical batches, the global batches do not depend on the process count, and
 worker processes do not change the batches."""
 
 import jax
@@ -97,18 +97,41 @@ def test_restored_iterator_continues_identically(data_dir, tmp_path):
   _same(_take(it3, 4), ref)
 
 
-def test_sharding_by_process(data_dir, monkeypatch):
+def _global(batches_per_process):
+  """Process 0's rows, then process 1's, ... of each step (what JAX assembles)."""
+  return [{k: np.concatenate([b[k] for b in step]) for k in step[0]}
+          for step in zip(*batches_per_process)]
+
+
+@pytest.mark.parametrize("batch_size,counts", [(2, (2,)), (4, (2, 4))])
+def test_global_batches_do_not_depend_on_the_process_count(data_dir, batch_size, counts):
+  steps = 5                                   # 10 or 20 examples: across epoch boundaries
+  cfg = _config(data_dir, batch_size=batch_size)
+  one = _take(iter(make_train_loader(cfg, process_index=0, process_count=1)), steps)
+  ids = np.concatenate([b["example_id"] for b in one])
+  # The global stream is a new permutation of the split every epoch.
+  for e in range(len(ids) // N):
+    assert sorted(ids[e * N:(e + 1) * N]) == list(range(N))
+  assert list(ids[:N]) != list(ids[N:2 * N])
+  for P in counts:
+    parts = [_take(iter(make_train_loader(cfg, process_index=p, process_count=P)), steps)
+             for p in range(P)]
+    assert all(b["image"].shape[0] == batch_size // P for part in parts for b in part)
+    # Process p holds rows [p B/P, (p+1) B/P) of every global batch: same ids,
+    # same augmentations as one process.
+    _same(_global(parts), one)
+  # A restored iterator of one process of several continues with its own rows.
+  it = iter(make_train_loader(cfg, process_index=1, process_count=counts[-1]))
+  _take(it, 2)
+  state = it.get_state()
+  ref = _take(it, 3)
+  it2 = iter(make_train_loader(cfg, process_index=1, process_count=counts[-1]))
+  it2.set_state(state)
+  _same(_take(it2, 3), ref)
+
+
+def test_sharding_by_jax_process_by_default(data_dir, monkeypatch):
   cfg = _config(data_dir, batch_size=2)
-  seen = []
-  for p in range(2):
-    it = iter(make_train_loader(cfg, process_index=p, process_count=2))
-    batches = _take(it, N // 2 + 1)           # per-host batch 1; one epoch + 1
-    assert all(b["image"].shape[0] == 1 for b in batches)
-    ids = [int(b["example_id"][0]) for b in batches]
-    assert sorted(ids[:N // 2]) == list(range(p, N, 2))
-    assert ids[N // 2] in ids[:N // 2]       # the next epoch stays on this process
-    seen.append(set(ids))
-  assert not (seen[0] & seen[1]) and seen[0] | seen[1] == set(range(N))
   # By default the process index/count come from JAX (grain's ShardByJaxProcess).
   monkeypatch.setattr(jax, "process_index", lambda *a: 1)
   monkeypatch.setattr(jax, "process_count", lambda *a: 2)

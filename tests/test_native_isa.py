@@ -60,7 +60,7 @@ def test_avx2_and_native_builds_are_bit_identical(builds):
   v3, nat = builds
   keys = sorted(k for k in v3 if k not in ("isa", "arch"))
   assert keys == sorted(k for k in nat if k not in ("isa", "arch"))
-  assert len(keys) == 2 * 5 + 3 * 2 + 1
+  assert len(keys) == 2 * 5 + 3 * 2 + 1 + 4
   for k in keys:
     np.testing.assert_array_equal(v3[k], nat[k], err_msg=k)
 
@@ -88,3 +88,15 @@ def test_avx2_build_matches_xla_formulations(builds):
         ref = window_attention.reference(a["qkv"], a["bias"], mask, a["heads"], a["scale"])
         np.testing.assert_allclose(v3[f"window_{ws}_{kind}"], ref, rtol=1e-5, atol=1e-5,
                                    err_msg=f"window {ws} {kind}")
+  # Point reads: forward values bit for bit, gradient up to addition order.
+  from semsam_jax.losses import points as pts
+  pt = x["points"]
+  out, vjp = jax.vjp(lambda m: pts.sample_maps(m, pt["index"], pt["coords"], impl="xla"),
+                     pt["maps"])
+  np.testing.assert_array_equal(v3["points_sample"], out)
+  np.testing.assert_allclose(v3["points_sample_grad"], vjp(jnp.asarray(pt["cot"]))[0],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(v3["points_packed"], pts.sample_packed_masks(
+      pt["masks"], pt["index"] % 3, pt["coords"], impl="xla"))
+  np.testing.assert_array_equal(v3["points_uncertain"], pts.hashed_uncertain_coords(
+      pt["maps"], pt["index"], pt["seeds"], 40, 90 / 40, 30 / 40, impl="xla"))

@@ -25,13 +25,31 @@ __all__ = ["data_config", "ensure_dataset", "make_train_loader", "read_split",
            "prepare_example", "synthetic_dir"]
 
 
+def synthetic_generator_args(synthetic_cfg) -> dict:
+  """Keyword arguments of ``synthetic.generate`` from ``config.data.synthetic``
+  (its ``objects_per_image``, ``max_parts`` and shape knobs), checked."""
+  from semsam_jax.data import synthetic
+  s = synthetic_cfg
+  lo, hi = (int(x) for x in s.objects_per_image)
+  if not 1 <= lo <= hi:
+    raise ValueError(f"data.synthetic.objects_per_image must be 1 <= min <= max, "
+                     f"got {tuple(s.objects_per_image)}")
+  if int(s.max_parts) < 1:
+    raise ValueError(f"data.synthetic.max_parts must be >= 1, got {s.max_parts}")
+  knobs = synthetic.shape_knobs(**{k: s[k] for k in synthetic.DEFAULT_KNOBS})
+  return dict(objects_per_image=(lo, hi), max_parts=int(s.max_parts), **knobs)
+
+
 def synthetic_dir(data_cfg) -> str:
-  """Cache folder of the synthetic dataset described by ``data_cfg.synthetic``."""
+  """Cache folder of the synthetic dataset described by ``data_cfg.synthetic``
+  (every field that changes the generated images is part of the key)."""
   s = data_cfg.synthetic
-  params = dict(version=1, train=[int(s.num_train_images), int(s.train_seed)],
+  gen = {k: list(v) if isinstance(v, tuple) else v
+         for k, v in synthetic_generator_args(s).items()}
+  params = dict(version=2, train=[int(s.num_train_images), int(s.train_seed)],
                 heldout=[int(s.num_heldout_images), int(s.heldout_seed)],
                 image_size=int(s.image_size), train_split=data_cfg.train_split,
-                eval_split=data_cfg.eval_split)
+                eval_split=data_cfg.eval_split, generator=gen)
   key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
   cache = s.cache_dir or default_cache_dir()
   return os.path.join(cache, f"synthetic-{s.image_size}px-{s.num_train_images}-{key}")
@@ -68,7 +86,8 @@ def ensure_dataset(data_cfg, progress: bool = True) -> str:
           (data_cfg.eval_split, s.num_heldout_images, s.heldout_seed, 10_000_000)):
         src = os.path.join(tmp, "sources", split)
         synthetic.generate(src, int(num), int(seed), int(s.image_size),
-                           image_id_offset=offset, progress=progress)
+                           image_id_offset=offset, progress=progress,
+                           **synthetic_generator_args(s))
         report = sa1b.build([src], tmp, split=split, progress=progress,
                             log=lambda m: print(m, file=sys.stderr))
         print(f"semsam_jax.data: {split}: {report.summary()}", file=sys.stderr)

@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="side of the square images, or HEIGHT WIDTH (default 256)")
   p.add_argument("--objects", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
                  help="objects per image (default 3 6: ~25-50 masks; 20 24: 73-147, mean 107, at 1500x2250)")
+  p.add_argument("--max-parts", type=int, default=3, help="parts per object: 1..N (default 3)")
+  p.add_argument("--object-radius", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                 help="object radius range / min(H, W) (default 0.06 0.16)")
+  p.add_argument("--subpart-radius", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                 help="sub-part radius range / its object's radius (default 0.15 0.35)")
+  p.add_argument("--subparts-per-part", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                 help="sub-parts per part, inclusive range (default 0 2)")
+  p.add_argument("--detail-prob", type=float, default=None,
+                 help="chance that a sub-part holds a detail (default 0.4)")
+  p.add_argument("--min-area", type=int, default=None,
+                 help="visible regions of fewer pixels are not annotated (default 4)")
   p.add_argument("--image-id-offset", type=int, default=0,
                  help="image ids (and file names sa_<id>) start at offset + 1")
   p.add_argument("--workers", type=int, default=1)
@@ -110,8 +121,13 @@ def main(argv=None) -> int:
       size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size[:2])
       names = synthetic.generate(args.output, args.num_images, args.seed, size,
                                  objects_per_image=tuple(args.objects),
+                                 max_parts=args.max_parts,
                                  image_id_offset=args.image_id_offset,
-                                 num_workers=args.workers, progress=progress)
+                                 num_workers=args.workers, progress=progress,
+                                 object_radius=args.object_radius,
+                                 subpart_radius=args.subpart_radius,
+                                 subparts_per_part=args.subparts_per_part,
+                                 detail_prob=args.detail_prob, min_area=args.min_area)
       print(f"wrote {len(names)} images to {args.output}")
       return 0
     if args.command == "show":

@@ -62,5 +62,14 @@ def data_config() -> ml_collections.ConfigDict:
           train_seed=0,
           heldout_seed=1,
           image_size=256,
+          # Generator knobs (semsam_jax.data.synthetic; part of the cache key).
+          # The defaults are the generator's own (synthetic.DEFAULT_KNOBS).
+          objects_per_image=(3, 6),      # inclusive range of objects per image
+          max_parts=3,                   # parts per object drawn in 1..max_parts
+          object_radius=(0.06, 0.16),    # object radius / min(H, W)
+          subpart_radius=(0.15, 0.35),   # sub-part radius / its object's radius
+          subparts_per_part=(0, 2),      # inclusive range of sub-parts per part
+          detail_prob=0.4,               # chance that a sub-part holds a detail
+          min_area=4,                    # smaller visible regions are not annotated
       ),
   ))

@@ -2,8 +2,8 @@
 
 The batch format is the contract in ``docs/training.md``.  Every random draw of
 an example is made with ``np.random.default_rng([seed, example_index, epoch])``,
-so a batch depends only on the seed, the step and the sharding -- not on the
-worker count, the prefetching or the machine.
+so a global batch depends only on the seed and the step -- not on the process count,
+the worker count, the prefetching or the machine.
 """
 
 from __future__ import annotations
@@ -267,12 +267,16 @@ def make_train_loader(config, *, process_index: int | None = None,
                       process_count: int | None = None, data_dir: str | None = None):
   """Infinite iterable of per-host training batches (docs/training.md).
 
-  Example ``i`` of the split goes to process ``i % process_count`` (grain
-  ``ShardOptions``, by default those of ``grain.sharding.ShardByJaxProcess``:
-  the JAX process index/count); each process shuffles its share anew every
-  epoch (``shuffle(seed).repeat()``) and batches ``config.batch_size //
-  process_count`` examples.  ``iter(loader)`` is a grain ``DatasetIterator``:
-  checkpoint it with ``grain.checkpoint.CheckpointSave(iterator)`` inside
+  The global order does not depend on the process count: a seeded
+  permutation of the split per epoch (grain's ``shuffle(seed).repeat()``, a
+  new order every epoch), cut into global batches of ``config.batch_size``
+  consecutive examples (a batch may span an epoch boundary; nothing is
+  dropped).  Process ``p`` of ``P`` (grain ``ShardOptions``, by default those
+  of ``grain.sharding.ShardByJaxProcess``: the JAX process index/count) yields
+  rows ``[p * B/P, (p + 1) * B/P)`` of each global batch, so
+  ``jax.make_array_from_process_local_data`` assembles the same global batch
+  for any ``P``.  ``iter(loader)`` is a grain ``DatasetIterator``: checkpoint
+  it with ``grain.checkpoint.CheckpointSave(iterator)`` inside
   ``ocp.args.Composite`` (see docs/data.md).
   """
   import grain
@@ -282,27 +286,29 @@ def make_train_loader(config, *, process_index: int | None = None,
   split = d.train_split
   seed = int(config.seed if d.get("seed", None) is None else d.seed)
   shard = _shard(process_index, process_count)
-  if config.batch_size % shard.shard_count:
+  P = shard.shard_count
+  if config.batch_size % P:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by "
-                     f"{shard.shard_count} processes")
-  per_host = config.batch_size // shard.shard_count
+                     f"{P} processes")
+  per_host = config.batch_size // P
   n = len(raw_source(data_dir, split))
-  mine = np.arange(shard.shard_index, n, shard.shard_count)
-  if shard.drop_remainder:
-    mine = mine[: n // shard.shard_count]
-  if len(mine) == 0:
-    raise ValueError(f"{data_dir}/{split}: {n} examples, none for process {shard.shard_index}")
+  if n == 0:
+    raise ValueError(f"{data_dir}/{split}: no examples")
   opt = ExampleOptions.from_config(config)
-  ds = grain.MapDataset.range(len(mine))
+  # The global stream: element g is example order_e[g % n] of epoch e = g // n.
+  ds = grain.MapDataset.range(n)
   if d.shuffle:
     ds = ds.shuffle(seed=seed % 2**32)
   ds = ds.repeat(None)
-  n_mine = len(mine)
-  ds = ds.map_with_index(lambda g, local: (g // n_mine, int(mine[local % n_mine])))
+  ds = ds.map_with_index(lambda g, index: (g // n, int(index)))
   ds = ds.map(_PrepareFn(data_dir, split, seed, opt))
-  # Batch before the workers: each batch is made whole by one worker, so the
-  # stream of batches does not depend on the worker count.
+  # Blocks of B/P consecutive examples; global batch t is blocks t*P .. t*P+P-1,
+  # and this process takes block t*P + p.  Each block is made whole by one
+  # worker, so the stream of batches does not depend on the worker count.  The
+  # datasets are lazy: only this process's examples are read and prepared.
   ds = ds.batch(per_host, drop_remainder=True, batch_fn=_stack)
+  if P > 1:
+    ds = ds.slice(slice(shard.shard_index, None, P))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=int(d.get("read_threads", 1)),
       prefetch_buffer_size=int(d.get("read_prefetch", 2))))

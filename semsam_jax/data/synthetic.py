@@ -23,7 +23,38 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-MIN_AREA = 4  # smaller visible regions are not annotated
+MIN_AREA = 4  # smaller visible regions are not annotated (default of ``min_area``)
+
+# Defaults of the shape knobs (``render(**knobs)``, ``config.data.synthetic``).
+DEFAULT_KNOBS = dict(
+    object_radius=(0.06, 0.16),    # object radius r, as a fraction of min(H, W)
+    subpart_radius=(0.15, 0.35),   # sub-part radius, as a fraction of its object's r
+    subparts_per_part=(0, 2),      # inclusive range of sub-parts drawn in each part
+    detail_prob=0.4,               # chance that a sub-part holds a detail
+    min_area=MIN_AREA,             # visible regions of fewer pixels are not annotated
+)
+
+
+def shape_knobs(**overrides) -> dict:
+  """The shape knobs with ``overrides`` applied; unknown names are an error."""
+  unknown = sorted(set(overrides) - set(DEFAULT_KNOBS))
+  if unknown:
+    raise ValueError(f"unknown synthetic shape knob(s) {unknown}; known: {sorted(DEFAULT_KNOBS)}")
+  knobs = dict(DEFAULT_KNOBS)
+  knobs.update({k: v for k, v in overrides.items() if v is not None})
+  for name, kind in (("object_radius", float), ("subpart_radius", float),
+                     ("subparts_per_part", int)):
+    lo, hi = (kind(x) for x in knobs[name])
+    if not 0 <= lo <= hi:
+      raise ValueError(f"synthetic knob {name} must be a range 0 <= lo <= hi, got {knobs[name]}")
+    knobs[name] = (lo, hi)
+  if not 0.0 <= float(knobs["detail_prob"]) <= 1.0:
+    raise ValueError(f"synthetic knob detail_prob must be in [0, 1], got {knobs['detail_prob']}")
+  knobs["detail_prob"] = float(knobs["detail_prob"])
+  if int(knobs["min_area"]) < 1:
+    raise ValueError(f"synthetic knob min_area must be >= 1, got {knobs['min_area']}")
+  knobs["min_area"] = int(knobs["min_area"])
+  return knobs
 
 
 def _size_hw(image_size) -> tuple[int, int]:
@@ -77,8 +108,14 @@ def _random_color(rng):
 
 
 def render(seed: int, index: int, image_size=256,
-           objects_per_image: Sequence[int] = (3, 6), max_parts: int = 3):
-  """One synthetic image: ``(image uint8 (H, W, 3), list of (name, mask))``."""
+           objects_per_image: Sequence[int] = (3, 6), max_parts: int = 3, **knobs):
+  """One synthetic image: ``(image uint8 (H, W, 3), list of (name, mask))``.
+
+  ``knobs``: the shape knobs of :data:`DEFAULT_KNOBS` (object and sub-part
+  radius ranges, sub-parts per part, detail probability, minimum annotated
+  area); with the defaults the output is that of the original generator.
+  """
+  knobs = shape_knobs(**knobs)
   rng = np.random.default_rng([int(seed), int(index)])
   h, w = _size_hw(image_size)
   scale = min(h, w)
@@ -108,7 +145,7 @@ def render(seed: int, index: int, image_size=256,
     n_in_group = int(min(rng.choice([1, 1, 2, 3]), n_obj - len(objects)))
     gcy, gcx = rng.uniform(0.15, 0.9) * h, rng.uniform(0.1, 0.9) * w
     for _ in range(n_in_group):
-      r = rng.uniform(0.06, 0.16) * scale
+      r = rng.uniform(*knobs["object_radius"]) * scale
       cy = gcy + rng.normal(0, 0.6) * r * (n_in_group > 1)
       cx = gcx + rng.normal(0, 1.2) * r * (n_in_group > 1)
       shape = _ellipse(rng, h, w, cy, cx, r * rng.uniform(0.6, 1.0),
@@ -155,16 +192,17 @@ def render(seed: int, index: int, image_size=256,
         regions.append((f"object{oi}/part{pi}", part_vis))
       # Sub-parts: small blobs inside the part, maybe with a detail inside.
       ys, xs_ = np.nonzero(part)
-      for si in range(int(rng.integers(0, 3))):
+      lo, hi = knobs["subparts_per_part"]
+      for si in range(int(rng.integers(lo, hi + 1))):
         if len(ys) == 0:
           break
         j = int(rng.integers(len(ys)))
-        sr = obj["r"] * rng.uniform(0.15, 0.35)
+        sr = obj["r"] * rng.uniform(*knobs["subpart_radius"])
         sub = _ellipse(rng, h, w, ys[j], xs_[j], sr * rng.uniform(0.6, 1), sr).full(h, w) & part
         sub_vis = sub & vis
         image[sub_vis] = _texture(rng, sub_vis, _random_color(rng), 10)
         regions.append((f"object{oi}/part{pi}/sub{si}", sub_vis))
-        if rng.random() < 0.4:
+        if rng.random() < knobs["detail_prob"]:
           sy, sx = np.nonzero(sub)
           if len(sy):
             j2 = int(rng.integers(len(sy)))
@@ -181,7 +219,7 @@ def render(seed: int, index: int, image_size=256,
 
   image += rng.normal(0, 4, size=image.shape).astype(np.float32)
   image = np.clip(image, 0, 255).astype(np.uint8)
-  regions = [(n, m) for n, m in regions if int(m.sum()) >= MIN_AREA]
+  regions = [(n, m) for n, m in regions if int(m.sum()) >= knobs["min_area"]]
   order = rng.permutation(len(regions))  # SA-1B lists masks in no particular order
   return image, [regions[i] for i in order]
 
@@ -212,9 +250,10 @@ def _write_atomic(path: str, data: bytes):
 
 def write_example(out_dir: str, seed: int, index: int, image_size=256,
                   objects_per_image=(3, 6), max_parts=3, image_id_offset=0,
-                  jpeg_quality=92) -> str:
+                  jpeg_quality=92, knobs=None) -> str:
   """Renders image ``index`` and writes ``sa_<id>.jpg`` + ``sa_<id>.json``."""
-  image, regions = render(seed, index, image_size, objects_per_image, max_parts)
+  image, regions = render(seed, index, image_size, objects_per_image, max_parts,
+                          **(knobs or {}))
   h, w = image.shape[:2]
   image_id = int(image_id_offset) + int(index) + 1
   name = f"sa_{image_id}"
@@ -232,13 +271,14 @@ def write_example(out_dir: str, seed: int, index: int, image_size=256,
 
 
 def _worker(args):
-  return write_example(*args)
+  *pos, knobs = args
+  return write_example(*pos, knobs=knobs)
 
 
 def generate(out_dir: str, num_images: int, seed: int, image_size=256, *,
              objects_per_image: Sequence[int] = (3, 6), max_parts: int = 3,
              image_id_offset: int = 0, num_workers: int = 1,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, **knobs) -> list[str]:
   """Writes ``num_images`` synthetic SA-1B-layout examples into ``out_dir``.
 
   Args:
@@ -252,6 +292,9 @@ def generate(out_dir: str, num_images: int, seed: int, image_size=256, *,
       at 1500x2250).
     max_parts: parts per object are drawn in ``1..max_parts``.
     image_id_offset: image ids are ``offset + index + 1`` (file ``sa_<id>``).
+    **knobs: shape knobs (:data:`DEFAULT_KNOBS`: ``object_radius``,
+      ``subpart_radius``, ``subparts_per_part``, ``detail_prob``,
+      ``min_area``); the defaults reproduce the original generator.
     num_workers: processes used for rendering.
     progress: show a progress bar.
 
@@ -260,12 +303,13 @@ def generate(out_dir: str, num_images: int, seed: int, image_size=256, *,
   """
   from tqdm import tqdm
   os.makedirs(out_dir, exist_ok=True)
-  jobs = [(out_dir, seed, i, image_size, tuple(objects_per_image), max_parts, image_id_offset)
-          for i in range(num_images)]
+  knobs = shape_knobs(**knobs)
+  jobs = [(out_dir, seed, i, image_size, tuple(objects_per_image), max_parts, image_id_offset,
+           92, knobs) for i in range(num_images)]
   bar = dict(total=num_images, desc=f"synth {os.path.basename(out_dir.rstrip('/'))}",
              disable=not progress, unit="img")
   if num_workers > 1 and num_images > 1:
     import multiprocessing as mp
     with mp.get_context("spawn").Pool(num_workers) as pool:
       return list(tqdm(pool.imap(_worker, jobs), **bar))
-  return [write_example(*j) for j in tqdm(jobs, **bar)]
+  return [_worker(j) for j in tqdm(jobs, **bar)]

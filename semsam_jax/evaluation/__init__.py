@@ -16,17 +16,19 @@ from semsam_jax.evaluation.clicks import (center_click, center_clicks, click_box
                                           kornia_distance_transform)
 from semsam_jax.evaluation.datasets import (EvalImage, SkipLog, detect_format, iter_coco,
                                             iter_semsam_data)
-from semsam_jax.evaluation.evaluator import PROTOCOLS, EvalOptions, Evaluator, format_table
+from semsam_jax.evaluation.evaluator import (PROTOCOLS, EvalOptions, Evaluator, format_table,
+                                             metrics_of, sorted_results)
 from semsam_jax.evaluation.metrics import mask_iou, select_max_oracle, summarize
 
-# Where eval.py looks for its model when no checkpoint is given.  The committed
-# tiny checkpoint (issue 12, item 3) does not exist yet; set this to its
-# directory (relative to the repository root) once it does.
-DEFAULT_CHECKPOINT = None
+from semsam_jax.assets import TINY_CHECKPOINT
+
+# The model eval.py (and the demo with --steps 0) uses when no checkpoint is
+# given: the committed tiny checkpoint (an absolute path inside the package).
+DEFAULT_CHECKPOINT = TINY_CHECKPOINT
 
 __all__ = [
     "DEFAULT_CHECKPOINT", "EvalImage", "EvalOptions", "Evaluator", "PROTOCOLS", "SkipLog",
     "center_click", "center_clicks", "click_boxes", "detect_format", "format_table",
-    "iter_coco", "iter_semsam_data", "kornia_distance_transform", "mask_iou",
-    "select_max_oracle", "summarize",
+    "iter_coco", "iter_semsam_data", "kornia_distance_transform", "mask_iou", "metrics_of",
+    "select_max_oracle", "sorted_results", "summarize",
 ]

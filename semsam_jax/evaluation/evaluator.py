@@ -181,16 +181,19 @@ class Evaluator:
 
   With several devices the image batch is sharded over a 1-D data mesh (the
   batch size is rounded up to a multiple of the device count) and the
-  parameters are replicated.  Single-process only.
+  parameters are replicated.  In a multi-process job each process runs its
+  own Evaluator on its local devices (the default) over its share of the
+  images; :attr:`results` (one JSON-able record per image) of all processes
+  merged by :func:`metrics_of` give the numbers of one process.
   """
 
   def __init__(self, config, params, opts: EvalOptions = EvalOptions(), devices=None):
     self.config = ss.freeze_config(config)
     self.opts = opts
     self.num_tokens = int(self.config.decoder.num_mask_tokens)
-    devices = list(jax.devices() if devices is None else devices)
-    if jax.process_count() > 1:
-      raise NotImplementedError("evaluation runs in one process (any number of local devices)")
+    devices = list(jax.local_devices() if devices is None else devices)
+    if any(d.process_index != jax.process_index() for d in devices):
+      raise ValueError("an Evaluator runs on this process's devices only")
     self.num_devices = len(devices)
     self.batch_size = -(-opts.batch_size // self.num_devices) * self.num_devices
     self.mesh = None
@@ -205,8 +208,11 @@ class Evaluator:
         self.config, interactive="coco_interactive" in opts.protocols,
         granularity="multi_granularity" in opts.protocols, prompt_chunk=opts.prompt_chunk,
         weights=opts.weights)
+    # Running numbers for the progress bar (in batch order); the reported
+    # numbers come from ``results`` in dataset order (metrics_of).
     self.interactive = metrics_lib.InteractiveAccumulator()
     self.granularity = metrics_lib.GranularityAccumulator()
+    self.results: list[dict] = []
     self.num_images = 0
 
   def _run(self, items: list[Prepared]) -> None:
@@ -216,17 +222,24 @@ class Evaluator:
     out = jax.device_get(self.score(self.params, batch))
     for i, it in enumerate(items):
       ex = it.ex
+      rec = {"position": int(ex.position), "seq": len(self.results), "image_id": ex.image_id}
       if "coco_interactive" in self.opts.protocols:
         n = len(ex.masks)
         iou_max, iou_oracle = metrics_lib.select_max_oracle(out["ious"][i, :n],
                                                             out["pred_ious"][i, :n])
         self.interactive.add(ex.image_id, ex.ann_ids, iou_max, iou_oracle, ex.areas, it.clicks)
+        rec.update(ann_ids=[str(a) for a in ex.ann_ids], iou_max=iou_max.tolist(),
+                   iou_oracle=iou_oracle.tolist(), areas=np.asarray(ex.areas).tolist(),
+                   clicks=np.asarray(it.clicks).astype(int).tolist())
       if "multi_granularity" in self.opts.protocols:
         ious, areas = [], []
         for k, ts in enumerate(it.mg_targets):
           ious.extend(out["mg_ious"][i, k, :len(ts)].tolist())
           areas.extend(ex.areas[it.mg_masks_used[ts]].tolist())
         self.granularity.add(ious, areas, len(it.mg_targets))
+        rec.update(mg_ious=[float(v) for v in ious], mg_areas=[float(v) for v in areas],
+                   mg_clicks=len(it.mg_targets))
+      self.results.append(rec)
     self.num_images += len(items)
 
   def running(self) -> dict[str, str]:
@@ -258,12 +271,34 @@ class Evaluator:
     return self.metrics()
 
   def metrics(self) -> dict:
-    out = {"num_images": self.num_images}
-    if "coco_interactive" in self.opts.protocols:
-      out.update(self.interactive.metrics())
-    if "multi_granularity" in self.opts.protocols:
-      out.update(self.granularity.metrics())
-    return out
+    return metrics_of(self.results, self.opts.protocols)[0]
+
+
+def sorted_results(results: Iterable[dict], num_images: Optional[int] = None) -> list[dict]:
+  """Per-image results (of one or several processes) in dataset order, cut to
+  the first ``num_images``."""
+  out = sorted(results, key=lambda r: (r["position"], r["seq"]))
+  return out if num_images is None else out[:num_images]
+
+
+def metrics_of(results: Iterable[dict], protocols) -> tuple[dict, list[dict]]:
+  """(metrics, per-instance records) of per-image results, accumulated in
+  dataset order (so the float32 sums do not depend on batching or sharding)."""
+  results = sorted_results(results)
+  interactive = metrics_lib.InteractiveAccumulator()
+  granularity = metrics_lib.GranularityAccumulator()
+  for r in results:
+    if "coco_interactive" in protocols:
+      interactive.add(r["image_id"], r["ann_ids"], r["iou_max"], r["iou_oracle"], r["areas"],
+                      r["clicks"])
+    if "multi_granularity" in protocols:
+      granularity.add(r["mg_ious"], r["mg_areas"], r["mg_clicks"])
+  out = {"num_images": len(results)}
+  if "coco_interactive" in protocols:
+    out.update(interactive.metrics())
+  if "multi_granularity" in protocols:
+    out.update(granularity.metrics())
+  return out, interactive.records
 
 
 # --------------------------------------------------------------------------

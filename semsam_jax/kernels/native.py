@@ -2,7 +2,8 @@
 
 The C++ sources next to this file (``msda_cpu.cc``: multi-scale deformable
 attention forward and backward; ``mask_stats_cpu.cc``: threshold counts of
-upsampled mask logits; ``window_attention_cpu.cc``: Swin window attention)
+upsampled mask logits; ``window_attention_cpu.cc``: Swin window attention; ``point_sample_cpu.cc``:
+the training objective's point reads)
 are XLA typed-FFI custom calls.  On first use they are
 compiled into one shared library with the system C++ compiler (``$CXX``, else
 ``c++`` / ``g++`` / ``clang++``) against the FFI headers shipped with jaxlib,
@@ -41,7 +42,8 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc", HERE / "window_attention_cpu.cc")
+SOURCES = (HERE / "msda_cpu.cc", HERE / "mask_stats_cpu.cc", HERE / "window_attention_cpu.cc",
+           HERE / "point_sample_cpu.cc")
 HEADERS = (HERE / "kernel_common.h",)
 ABI_VERSION = 1
 # name -> exported handler symbol
@@ -51,6 +53,10 @@ TARGETS = {
     "semsam_msda_cpu_query_forward": "SemsamMsdaQueryForward",
     "semsam_mask_counts_cpu": "SemsamMaskCounts",
     "semsam_window_attention_cpu": "SemsamWindowAttention",
+    "semsam_point_sample_cpu": "SemsamPointSample",
+    "semsam_point_sample_grad_cpu": "SemsamPointSampleGrad",
+    "semsam_packed_sample_cpu": "SemsamPackedSample",
+    "semsam_uncertain_points_cpu": "SemsamUncertainPoints",
 }
 # Batch-partitionable under SPMD (every operand and result is batch-major).
 BATCH_PARTITIONABLE = tuple(TARGETS)

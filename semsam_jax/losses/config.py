@@ -12,6 +12,8 @@ import ml_collections
 
 # Prompt modes (``box_prompts``).
 BOX_PROMPTS = ("none", "reference_split", "all")
+# Uniform draws of the point sampler (``point_draws``).
+POINT_DRAWS = ("hash", "jax")
 
 
 def loss_config() -> ml_collections.ConfigDict:
@@ -35,6 +37,15 @@ def loss_config() -> ml_collections.ConfigDict:
       train_num_points=12544,    # MODEL.DECODER.TRAIN_NUM_POINTS (matcher too)
       oversample_ratio=3.0,      # MODEL.DECODER.OVERSAMPLE_RATIO
       importance_sample_ratio=0.75,  # MODEL.DECODER.IMPORTANCE_SAMPLE_RATIO
+      # Uniform draws of the mask-loss point sampler: "hash" = a counter-based
+      # stream per (prompt, target) seeded from the step key, generated inside
+      # the native kernel (the K*T*3P candidates never exist in memory);
+      # "jax" = jax.random.uniform arrays.  Both are uniform; they differ only
+      # in the random numbers (the reference draws torch.rand).
+      point_draws="hash",
+      # Point reads: "auto" (native CPU kernels when computing on the CPU),
+      # "native" or "xla".  Same values either way.
+      point_impl="auto",
       # ---- IoU head target: 1 - point dice loss, NOT detached in the reference.
       iou_loss=True,
       detach_iou_target=False,
@@ -103,5 +114,9 @@ def validate(cfg) -> None:
     raise ValueError(f"loss.train_num_points = {cfg.train_num_points} must be >= 1")
   if cfg.box_prompts not in BOX_PROMPTS:
     raise ValueError(f"loss.box_prompts = {cfg.box_prompts!r}; valid: {BOX_PROMPTS}")
+  if cfg.get("point_draws", "hash") not in POINT_DRAWS:
+    raise ValueError(f"loss.point_draws = {cfg.point_draws!r}; valid: {POINT_DRAWS}")
+  if cfg.get("point_impl", "auto") not in ("auto", "native", "xla"):
+    raise ValueError(f"loss.point_impl = {cfg.point_impl!r}; valid: 'auto', 'native', 'xla'")
   if cfg.dn not in ("seg", "standard", "no"):
     raise ValueError(f"loss.dn = {cfg.dn!r}; valid: 'seg', 'standard', 'no'")

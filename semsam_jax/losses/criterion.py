@@ -61,8 +61,8 @@ def box_terms(src_boxes: Array, tgt_boxes: Array) -> dict:
 
 
 def layer_terms(layer: dict, token: Array, target_index: Array, target_boxes: Array,
-                masks: Array, candidates: Array, extra: Array, cfg,
-                point_sampler=None) -> dict:
+                masks: Array, candidates, extra, cfg,
+                point_sampler=None, seeds=None) -> dict:
   """All five terms of one decoder layer, per target slot.
 
   Args:
@@ -72,26 +72,40 @@ def layer_terms(layer: dict, token: Array, target_index: Array, target_boxes: Ar
     target_index: (B, K, Tt) mask slot of each target; target_boxes (B, K, Tt, 4).
     masks: (B, M, H, W/8) bit-packed target masks.
     candidates, extra: the uniform draws of the point sampler
-      ((B, K, Tt, C, 2), (B, K, Tt, E, 2)).
+      ((B, K, Tt, C, 2), (B, K, Tt, E, 2)); None when ``seeds`` are given.
     point_sampler: optional replacement of :func:`semsam_jax.losses.points.
       uncertain_point_coords` with the same signature.
+    seeds: instead of explicit draws, (B, K, Tt) uint32 seeds of hashed
+      streams (:func:`semsam_jax.losses.points.hashed_uncertain_coords`; a
+      ``point_sampler`` then gets the streams' candidates as arrays).
 
   Returns:
     ``{term: (B, K, Tt)}`` plus ``"point_coords"`` (B, K, Tt, P, 2),
     ``"point_logits"`` and ``"point_labels"`` (B, K, Tt, P).
   """
-  sampler = point_sampler or pts.uncertain_point_coords
+  impl = cfg.get("point_impl", "auto")
   pm = layer["pred_masks"]
   b, k, t = pm.shape[:3]
   maps = pm.reshape((b, k * t) + pm.shape[3:]).astype(jnp.float32)
   map_index = jnp.arange(k, dtype=jnp.int32)[None, :, None] * t + token
 
   def read(coords):
-    return pts.sample_maps(maps, map_index, coords)
+    return pts.sample_maps(maps, map_index, coords, impl=impl)
 
-  coords = sampler(read, candidates, extra, cfg.train_num_points, cfg.importance_sample_ratio)
+  if seeds is not None and point_sampler is None:
+    coords = pts.hashed_uncertain_coords(maps, map_index, seeds, cfg.train_num_points,
+                                         cfg.oversample_ratio, cfg.importance_sample_ratio,
+                                         impl=impl)
+  else:
+    if seeds is not None:
+      candidates, extra = pts.hashed_point_candidates(
+          seeds, cfg.train_num_points, cfg.oversample_ratio, cfg.importance_sample_ratio)
+    sampler = point_sampler or pts.uncertain_point_coords
+    coords = sampler(read, candidates, extra, cfg.train_num_points,
+                     cfg.importance_sample_ratio)
   logits = read(coords)
-  labels = jax.lax.stop_gradient(pts.sample_packed_masks(masks, target_index, coords))
+  labels = jax.lax.stop_gradient(pts.sample_packed_masks(masks, target_index, coords,
+                                                         impl=impl))
   src_ious = None
   if cfg.iou_loss:
     src_ious = jnp.take_along_axis(layer["pred_ious"], token, axis=2)

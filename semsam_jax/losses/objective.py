@@ -136,9 +136,11 @@ def make_objective(config, *, matcher: Optional[Callable] = None,
     q_maps = pm.reshape((b, k * t) + pm.shape[3:])
     q_index = jnp.arange(k * t, dtype=jnp.int32).reshape(1, k, t)
     q_index = jnp.broadcast_to(q_index, (b, k, t))
-    shared = jnp.broadcast_to(mpts[:, None, None], (b, k, t) + mpts.shape[1:])
-    pred_pts = jax.lax.stop_gradient(pts.sample_maps(q_maps, q_index, shared))
-    tgt_pts = pts.sample_packed_masks(masks, tg["index"], shared)
+    shared = mpts[:, None, None]   # (B, 1, 1, P, 2): one set for every query / target
+    impl = cfg.get("point_impl", "auto")
+    pred_pts = jax.lax.stop_gradient(pts.sample_maps(jax.lax.stop_gradient(q_maps), q_index,
+                                                     shared, impl=impl))
+    tgt_pts = pts.sample_packed_masks(masks, tg["index"], shared, impl=impl)
     m = match_fn(pred_pts, tgt_pts, jax.lax.stop_gradient(last["pred_boxes"]), tg["boxes"],
                  tg["valid"], cfg)
     token = jax.lax.stop_gradient(m["token"]).astype(jnp.int32)
@@ -155,14 +157,22 @@ def make_objective(config, *, matcher: Optional[Callable] = None,
     metrics, all_terms = {}, []
     total = jnp.zeros((), jnp.float32)
     for li, layer_id in enumerate(order):
+      layer_key = jax.random.fold_in(keys["mask_points"], li)
+      seeds = None
       if given is not None:
         cand, extra = given[li]
+      elif cfg.get("point_draws", "hash") == "hash":
+        cand = extra = None
+        seeds = jax.random.bits(layer_key, (b, k, t), jnp.uint32)
       else:
-        cand, extra = pts.draw_point_candidates(
-            jax.random.fold_in(keys["mask_points"], li), (b, k, t), num_points,
-            cfg.oversample_ratio, cfg.importance_sample_ratio)
+        cand, extra = pts.draw_point_candidates(layer_key, (b, k, t), num_points,
+                                                cfg.oversample_ratio,
+                                                cfg.importance_sample_ratio)
+      kwargs = {"point_sampler": point_sampler}
+      if seeds is not None:
+        kwargs["seeds"] = seeds
       lt = terms(layers[layer_id], token, tg["index"], tg["boxes"], masks, cand, extra, cfg,
-                 point_sampler=point_sampler)
+                 **kwargs)
       all_terms.append(lt)
       for name in crit.TERMS:
         if name not in lt:

@@ -9,6 +9,16 @@ at ``(i + 0.5) / size``.
 Nothing here materialises a per-target map: predictions are read from the
 decoder's (B, K, T, h, w) output with a per-read map index, and targets from
 the image's bit-packed masks (B, M, H, W/8) with a per-read mask slot.
+
+Every read takes ``impl``: ``"xla"`` (the formulations below), ``"native"``
+(the CPU kernels of :mod:`semsam_jax.kernels.point_sample`, same values) or
+``"auto"`` (native when JAX computes on the CPU and the kernels build).
+
+Candidate draws: :func:`draw_point_candidates` draws them with
+``jax.random``; :func:`hash_uniform` defines a counter-based stream (one
+uint32 seed per group) that the kernel generates on the fly, so the
+``K * T * 3P`` candidates of a layer are never written to memory
+(:func:`hashed_uncertain_coords`).
 """
 
 from __future__ import annotations
@@ -19,6 +29,23 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+IMPLS = ("auto", "native", "xla")
+
+
+def use_native(impl: str) -> bool:
+  """Whether ``impl`` selects the native kernels here (raises when
+  ``"native"`` is asked for and they cannot be built)."""
+  if impl not in IMPLS:
+    raise ValueError(f"point sampling impl {impl!r}; valid: {IMPLS}")
+  if impl == "xla":
+    return False
+  from semsam_jax.kernels import native  # pylint: disable=import-outside-toplevel
+  if impl == "native":
+    native.load()
+    return True
+  return native.usable_here()
 
 
 def _corners(coords: Array, height: int, width: int):
@@ -43,17 +70,24 @@ def _corners(coords: Array, height: int, width: int):
            jnp.clip(tx, 0, width - 1).astype(jnp.int32), w, inside)
 
 
-def sample_maps(maps: Array, map_index: Array, coords: Array) -> Array:
+def sample_maps(maps: Array, map_index: Array, coords: Array, impl: str = "xla") -> Array:
   """Bilinear samples of selected maps.
 
   Args:
     maps: (B, R, h, w) float maps (e.g. the decoder's mask logits with R = K*T).
     map_index: (B, ...) int, which of the R maps each group of points reads.
-    coords: (B, ..., P, 2) points (x, y) in [0, 1].
+    coords: (B, ..., P, 2) points (x, y) in [0, 1]; or (B, 1, ..., 1, P, 2):
+      one set shared by every group.
+    impl: "xla", "native" or "auto" (module docstring).
 
   Returns:
-    (B, ..., P) samples, differentiable w.r.t. ``maps`` (not ``coords``).
+    (B, ..., P) samples, differentiable w.r.t. ``maps`` (not ``coords``);
+    float32 on the native path.
   """
+  if use_native(impl):
+    from semsam_jax.kernels import point_sample  # pylint: disable=import-outside-toplevel
+    return point_sample.sample_maps(maps, map_index, coords)
+  coords = jnp.broadcast_to(coords, map_index.shape + coords.shape[-2:])
   b, r, h, w = maps.shape
   flat = maps.reshape(b, r * h * w)
   base = (map_index.astype(jnp.int32) * (h * w))[..., None]
@@ -67,7 +101,8 @@ def sample_maps(maps: Array, map_index: Array, coords: Array) -> Array:
   return out
 
 
-def sample_packed_masks(masks: Array, mask_index: Array, coords: Array) -> Array:
+def sample_packed_masks(masks: Array, mask_index: Array, coords: Array,
+                        impl: str = "xla") -> Array:
   """Bilinear samples of 0/1 masks stored bit-packed.
 
   Args:
@@ -79,6 +114,10 @@ def sample_packed_masks(masks: Array, mask_index: Array, coords: Array) -> Array
   Returns:
     (B, ..., P) float32 in [0, 1] (fractional at mask edges).
   """
+  if use_native(impl):
+    from semsam_jax.kernels import point_sample  # pylint: disable=import-outside-toplevel
+    return point_sample.sample_packed_masks(masks, mask_index, coords)
+  coords = jnp.broadcast_to(coords, mask_index.shape + coords.shape[-2:])
   b, m, h, wb = masks.shape
   w = wb * 8
   flat = masks.reshape(b, m * h * wb)
@@ -137,3 +176,83 @@ def draw_point_candidates(rng: Array, lead_shape: tuple, num_points: int,
   k1, k2 = jax.random.split(rng)
   return (jax.random.uniform(k1, tuple(lead_shape) + (c, 2), jnp.float32),
           jax.random.uniform(k2, tuple(lead_shape) + (e, 2), jnp.float32))
+
+
+# ------------------------------------------------------------- hashed draws
+
+_WEYL = 0x9E3779B9
+
+
+def _mix32(x: Array) -> Array:
+  """Wellons' ``lowbias32`` integer hash (uint32 -> uint32)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hash_uniform(seeds: Array, start: int, count: int) -> Array:
+  """Points ``start .. start + count - 1`` of each group's hashed stream.
+
+  Value ``j`` of the group with seed ``s`` is ``mix(mix(s) + j * 0x9E3779B9)
+  >> 8`` scaled by 2**-24 (uniform on the 24-bit grid of [0, 1), like
+  ``torch.rand``); point ``i`` is (value ``2 i``, value ``2 i + 1``) as (x, y).
+
+  Args:
+    seeds: (...) uint32, one per group.
+
+  Returns:
+    (..., count, 2) float32.
+  """
+  base = _mix32(jnp.asarray(seeds, jnp.uint32))[..., None]
+  j = jnp.arange(2 * start, 2 * (start + count), dtype=jnp.uint32)
+  h = _mix32(base + j * jnp.uint32(_WEYL))
+  u = (h >> 8).astype(jnp.float32) * jnp.float32(1.0 / 16777216.0)
+  return u.reshape(u.shape[:-1] + (count, 2))
+
+
+def hashed_point_candidates(seeds: Array, num_points: int, oversample_ratio: float,
+                            importance_sample_ratio: float):
+  """The (candidates, extra) of :func:`draw_point_candidates` from hashed
+  streams: candidates are points 0 .. C-1, extra the E after them."""
+  c = num_oversampled_points(num_points, oversample_ratio)
+  e = num_points - num_importance_points(num_points, importance_sample_ratio)
+  return hash_uniform(seeds, 0, c), hash_uniform(seeds, c, e)
+
+
+def hashed_uncertain_coords(maps: Array, map_index: Array, seeds: Array, num_points: int,
+                            oversample_ratio: float, importance_sample_ratio: float,
+                            impl: str = "xla") -> Array:
+  """PointRend's uncertainty sampling on hashed candidates.
+
+  The ``int(importance_sample_ratio * P)`` candidates with the smallest
+  ``|logit|`` (ties: lower candidate index first, as ``lax.top_k`` breaks
+  them), in candidate order, then the remaining points of the stream
+  (:func:`hashed_point_candidates`).  The native kernel never writes the
+  candidates to memory; the XLA path materialises them and gives the same
+  points bit for bit.
+
+  Args:
+    maps: (B, R, h, w) logits; map_index: (B, ...) int; seeds: (B, ...) uint32.
+
+  Returns:
+    (B, ..., P, 2) float32, no gradient.
+  """
+  k = num_importance_points(num_points, importance_sample_ratio)
+  c = num_oversampled_points(num_points, oversample_ratio)
+  e = num_points - k
+  maps = jax.lax.stop_gradient(maps)
+  if use_native(impl):
+    from semsam_jax.kernels import point_sample  # pylint: disable=import-outside-toplevel
+    return point_sample.uncertain_points(maps, map_index, seeds, c, k, e)
+  cand, extra = hashed_point_candidates(seeds, num_points, oversample_ratio,
+                                        importance_sample_ratio)
+  if k > 0:
+    logits = sample_maps(maps, map_index, cand, impl="xla")
+    _, top = jax.lax.top_k(uncertainty(logits), k)
+    top = jnp.sort(top, axis=-1)
+    chosen = jnp.take_along_axis(cand, top[..., None], axis=-2)
+  else:
+    chosen = cand[..., :0, :]
+  return jax.lax.stop_gradient(jnp.concatenate([chosen, extra], axis=-2))

@@ -79,6 +79,15 @@ def _host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+def _global_ids(batch, local) -> list[int]:
+  """The example ids of the global batch, in row order (logged per step)."""
+  if jax.process_count() == 1:
+    return [int(i) for i in local["example_id"]]
+  from jax.experimental import multihost_utils
+  ids = multihost_utils.process_allgather(batch["example_id"], tiled=True)
+  return [int(i) for i in np.asarray(ids).ravel()]
+
+
 def inject_nan(batch: dict) -> dict:
   """A batch whose boxes are NaN (the loss and gradient become non-finite)."""
   batch = dict(batch)
@@ -236,7 +245,7 @@ def train(config, workdir, *, devices=None, stop_after: int | None = None,
           jax.profiler.stop_trace()
         if pending is not None:
           handle(pending)
-        pending = (step + 1, metrics, wait, [int(i) for i in local["example_id"]])
+        pending = (step + 1, metrics, wait, _global_ids(batch, local))
         done = step + 1
         stop = preempt.requested()
         if stop or done == end:
