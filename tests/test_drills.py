@@ -189,8 +189,6 @@ def test_two_processes_sigterm_checkpoint_and_resume(cache_dir, tmp_path):  # no
 # moves both by percents to O(1).
 FIXED_MATCH_RTOL = 1e-5
 FIXED_MATCH_UPDATE_RTOL = 3e-5
-HUNGARIAN_LOSS_RTOL = 5e-3
-HUNGARIAN_UPDATE_RTOL = 5e-2
 
 
 def _check_losses(got, want, rtol):
@@ -326,14 +324,20 @@ def test_kill_9_one_process_then_restart_both(cache_dir, tmp_path):  # noqa: F81
   for e in range(3):
     assert sorted(ids[16 * e:16 * (e + 1)]) == list(range(16)), (e, ids)
 
-  ref = _reference_run(micro_config(cache_dir), total)
-  assert [r["example_ids"] for r in recs] == ref["ids"]
-  _check_losses([r["loss"] for r in recs], ref["losses"], HUNGARIAN_LOSS_RTOL)
+  # The same job uninterrupted (same 2 x 4 layout, so the same reduction order):
+  # identical losses, example ids and final params.
+  clean = tmp_path / "uninterrupted"
+  _run_job(_train_cmd(cache_dir, clean, total, 2), env)
+  ref = _metrics(clean)
+  assert [r["example_ids"] for r in recs] == [r["example_ids"] for r in ref]
+  np.testing.assert_array_equal([r["loss"] for r in recs], [r["loss"] for r in ref])
   from semsam_jax.convert.checkpoint import load_checkpoint
   _, exported = load_checkpoint(work / "export")
-  _check_params(exported, ref["params"], ref["init"],
-                f"kill -9, resumed from {last}, vs uninterrupted 1x8", HUNGARIAN_UPDATE_RTOL,
-                HUNGARIAN_UPDATE_RTOL)
+  _, want = load_checkpoint(clean / "export")
+  got, want = _flat(exported), _flat(want)
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 # --- eval.py: fuzzed COCO annotations; 2 processes == 1 process --------------------------------
