@@ -114,11 +114,13 @@ def test_fsdp_step_equals_single_device(cache_dir):
   s8, m8, _, shardings, _ = _one_step(many, jax.devices()[:8], batch, fixed_match=True)
   assert np.isfinite(m1["loss"]) and bool(m1["finite"])
   assert _rel(m8["loss"], m1["loss"]) <= 1e-5
-  # KNOWN GAP (issue 11 asks 1e-5): with the loss equal to ~1e-7, the gradient
-  # norm of the 2x4 mesh differs by ~3e-4 relative (measured 2.7e-4); the
-  # cause (reduction order of scatter-adds in the backward pass, or a
-  # piecewise op) is not yet found.  Bounded here, not hidden.
-  assert _rel(m8["grad_norm"], m1["grad_norm"]) <= 2e-3
+  # The loss agrees to ~1e-7 and the updated params (what issue 11 bounds at
+  # 1e-5) to ~2e-9.  The gradient itself differs by ~2e-5 relative (measured
+  # 2.2e-5 norm, 5.2e-5 update, 2026-12-03): float32 sums over the batch in
+  # another order (the all-reduce of the sharded backward).  With XLA's
+  # scatter-add backward of the point reads this was 2.7e-4; the native
+  # point kernels' backward is deterministic per map.
+  assert _rel(m8["grad_norm"], m1["grad_norm"]) <= 1e-4
   p1, p8 = _flat(s1.params), _flat(s8.params)
   p0 = _flat(loop.initial_state(one, *loop.build(one, jax.devices()[:1])[1:4:2],
                                 log=lambda m: None).params)
@@ -131,7 +133,7 @@ def test_fsdp_step_equals_single_device(cache_dir):
   u1 = cat(p1, keys) - cat(p0, keys)
   u8 = cat(p8, keys) - cat(p0, keys)
   assert np.linalg.norm(u1) > 0
-  assert _rel(u8, u1) <= 1e-2, _rel(u8, u1)   # see the known gap above
+  assert _rel(u8, u1) <= 2e-4, _rel(u8, u1)   # the gradient's float32 noise, see above
   sharded = [k for k, v in traverse_util.flatten_dict(dict(s8.params)).items()
              if v.addressable_shards[0].data.shape != v.shape]
   assert len(sharded) > len(p8) // 3, len(sharded)
