@@ -21,6 +21,7 @@ under SPMD the calls are batch-partitionable.  Building and registration:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,7 @@ def _groups(index, coords):
   (B, N) index, (B, N | 1, P, 2) coords and the (B, ...) group shape."""
   b = index.shape[0]
   lead = index.shape
-  n = 1
-  for s in lead[1:]:
-    n *= int(s)
+  n = math.prod(lead[1:])
   p = coords.shape[-2]
   if coords.shape[:-2] == lead:
     flat = coords.reshape(b, n, p, 2)
@@ -114,9 +113,7 @@ def uncertain_points(maps, map_index, seeds, num_candidates: int, num_uncertain:
   native.load()
   lead = map_index.shape
   b = lead[0]
-  n = 1
-  for s in lead[1:]:
-    n *= int(s)
+  n = math.prod(lead[1:])
   p = int(num_uncertain) + int(num_random)
   out = jax.ffi.ffi_call(UNCERTAIN_TARGET, jax.ShapeDtypeStruct((b, n, p, 2), jnp.float32),
                          vmap_method="sequential")(

@@ -77,15 +77,6 @@ SEMSAM_INLINE void Corners(float cx, float cy, int64_t h, int64_t w, int64_t row
   }
 }
 
-SEMSAM_INLINE float ReadMap(const float* map, const Taps& t) {
-  float out = 0.0f;
-  for (int k = 0; k < 4; ++k) {
-    const float term = t.in[k] ? map[t.off[k]] * t.w[k] : 0.0f;
-    out = k == 0 ? term : out + term;
-  }
-  return out;
-}
-
 SEMSAM_INLINE float ReadPacked(const uint8_t* mask, const Taps& t) {
   float out = 0.0f;
   for (int k = 0; k < 4; ++k) {
@@ -147,7 +138,8 @@ SEMSAM_INLINE void BlockCorners(const float* cx, const float* cy, int n, int64_t
   }
 }
 
-// out[j] = the bilinear read of `map` for the block's taps (ReadMap's order).
+// out[j] = the bilinear read of `map` for the block's taps: zero for a tap
+// outside the map, summed nw, ne, sw, se (the XLA formulation's order).
 SEMSAM_INLINE void BlockReadMap(const float* map, const BlockTaps& t, int n, float* out) {
   float v[4][kBlock];
   for (int k = 0; k < 4; ++k) {
