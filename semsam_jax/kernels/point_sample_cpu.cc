@@ -43,53 +43,8 @@ namespace {
 namespace ffi = xla::ffi;
 using semsam_kernels::ParallelFor;
 
-struct Taps {
-  int32_t off[4];   // y * row + x of each tap (clamped inside the map)
-  int32_t x[4];     // the tap's clamped column (the packed reads need its bit)
-  float w[4];
-  bool in[4];
-};
-
-// The four taps (nw, ne, sw, se) of points._corners.
-SEMSAM_INLINE void Corners(float cx, float cy, int64_t h, int64_t w, int64_t row, Taps* t) {
-  const float gx = 2.0f * cx - 1.0f;
-  const float gy = 2.0f * cy - 1.0f;
-  const float ix = ((gx + 1.0f) / 2.0f) * static_cast<float>(w) - 0.5f;
-  const float iy = ((gy + 1.0f) / 2.0f) * static_cast<float>(h) - 0.5f;
-  const float ix_w = std::floor(ix);
-  const float iy_n = std::floor(iy);
-  const float ix_e = ix_w + 1.0f;
-  const float iy_s = iy_n + 1.0f;
-  const float ty[4] = {iy_n, iy_n, iy_s, iy_s};
-  const float tx[4] = {ix_w, ix_e, ix_w, ix_e};
-  t->w[0] = (ix_e - ix) * (iy_s - iy);
-  t->w[1] = (ix - ix_w) * (iy_s - iy);
-  t->w[2] = (ix_e - ix) * (iy - iy_n);
-  t->w[3] = (ix - ix_w) * (iy - iy_n);
-  const float wm = static_cast<float>(w - 1);
-  const float hm = static_cast<float>(h - 1);
-  for (int k = 0; k < 4; ++k) {
-    t->in[k] = tx[k] >= 0.0f && tx[k] <= wm && ty[k] >= 0.0f && ty[k] <= hm;
-    const int32_t yy = static_cast<int32_t>(std::min(std::max(ty[k], 0.0f), hm));
-    const int32_t xx = static_cast<int32_t>(std::min(std::max(tx[k], 0.0f), wm));
-    t->x[k] = xx;
-    t->off[k] = static_cast<int32_t>(yy * row) + xx;
-  }
-}
-
-SEMSAM_INLINE float ReadPacked(const uint8_t* mask, const Taps& t) {
-  float out = 0.0f;
-  for (int k = 0; k < 4; ++k) {
-    const int32_t byte = mask[t.off[k]];
-    const float bit = static_cast<float>((byte >> (t.x[k] & 7)) & 1);
-    const float term = t.in[k] ? bit * t.w[k] : 0.0f;
-    out = k == 0 ? term : out + term;
-  }
-  return out;
-}
-
-// The taps of up to kBlock points at once, in structure-of-arrays form so
-// that the geometry vectorises (the same operations as Corners, lane by lane).
+// The four bilinear taps (nw, ne, sw, se) of points._corners for up to kBlock
+// points at once, in structure-of-arrays form so that the geometry vectorises.
 constexpr int kBlock = 64;
 
 struct BlockTaps {
@@ -135,6 +90,31 @@ SEMSAM_INLINE void BlockCorners(const float* cx, const float* cy, int n, int64_t
     t->off[1][j] = yn * irow + xe;
     t->off[2][j] = ys * irow + xw;
     t->off[3][j] = ys * irow + xe;
+  }
+}
+
+// (x, y) of points q0 .. q0 + n - 1 of interleaved coords into cx, cy.
+SEMSAM_INLINE void LoadBlock(const float* pc, int64_t q0, int n, float* cx, float* cy) {
+  for (int j = 0; j < n; ++j) {
+    cx[j] = pc[2 * (q0 + j)];
+    cy[j] = pc[2 * (q0 + j) + 1];
+  }
+}
+
+// out[j] = the packed-mask read for the block's taps, computed with a row
+// stride of W/8 bytes (offset y * W/8 + x): the tap's byte is y * W/8 + x / 8,
+// its bit x % 8.
+SEMSAM_INLINE void BlockReadPacked(const uint8_t* mask, const BlockTaps& t, int n, float* out) {
+  for (int j = 0; j < n; ++j) {
+    float acc = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      const int32_t x = t.x[k][j];
+      const int32_t byte = mask[t.off[k][j] - x + (x >> 3)];
+      const float bit = static_cast<float>((byte >> (x & 7)) & 1);
+      const float term = t.in[k][j] ? bit * t.w[k][j] : 0.0f;
+      acc = k == 0 ? term : acc + term;
+    }
+    out[j] = acc;
   }
 }
 
@@ -225,10 +205,7 @@ ffi::Error PointSampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> maps,
       float* po = o + bn * g.p;
       for (int64_t q0 = 0; q0 < g.p; q0 += kBlock) {
         const int nb = static_cast<int>(std::min<int64_t>(kBlock, g.p - q0));
-        for (int j = 0; j < nb; ++j) {
-          cx[j] = pc[2 * (q0 + j)];
-          cy[j] = pc[2 * (q0 + j) + 1];
-        }
+        LoadBlock(pc, q0, nb, cx, cy);
         BlockCorners(cx, cy, nb, g.h, g.w, g.w, &bt);
         BlockReadMap(map, bt, nb, po + q0);
       }
@@ -274,7 +251,8 @@ ffi::Error PointSampleGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cot,
   const int64_t* st = start.data();
   const int64_t* od = order.data();
   ParallelFor(pool, g.b * g.r, 1, [=](int64_t lo, int64_t hi) {
-    Taps t;
+    BlockTaps bt;
+    float cx[kBlock], cy[kBlock];
     for (int64_t br = lo; br < hi; ++br) {
       float* map = gm + br * hw;
       std::fill(map, map + hw, 0.0f);
@@ -283,11 +261,15 @@ ffi::Error PointSampleGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cot,
         const int64_t bn = od[s];
         const float* pc = c + (g.shared ? bi : bn) * g.p * 2;
         const float* pg = gc + bn * g.p;
-        for (int64_t q = 0; q < g.p; ++q) {
-          Corners(pc[2 * q], pc[2 * q + 1], g.h, g.w, g.w, &t);
-          const float v = pg[q];
-          for (int k = 0; k < 4; ++k) {
-            if (t.in[k]) map[t.off[k]] += v * t.w[k];
+        for (int64_t q0 = 0; q0 < g.p; q0 += kBlock) {
+          const int nb = static_cast<int>(std::min<int64_t>(kBlock, g.p - q0));
+          LoadBlock(pc, q0, nb, cx, cy);
+          BlockCorners(cx, cy, nb, g.h, g.w, g.w, &bt);
+          for (int j = 0; j < nb; ++j) {   // point by point, taps in order
+            const float v = pg[q0 + j];
+            for (int k = 0; k < 4; ++k) {
+              if (bt.in[k][j]) map[bt.off[k][j]] += v * bt.w[k][j];
+            }
           }
         }
       }
@@ -318,16 +300,18 @@ ffi::Error PackedSampleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> masks,
   const int32_t* ix = index.typed_data();
   const float* c = coords.typed_data();
   ParallelFor(pool, g.b * g.n, kGroupGrain, [=](int64_t lo, int64_t hi) {
-    Taps t;
+    BlockTaps bt;
+    float cx[kBlock], cy[kBlock];
     for (int64_t bn = lo; bn < hi; ++bn) {
       const int64_t bi = bn / g.n;
       const uint8_t* mask = m + (bi * g.r + ClampIndex(ix[bn], g.r)) * g.h * wb;
       const float* pc = c + (g.shared ? bi : bn) * g.p * 2;
       float* po = o + bn * g.p;
-      for (int64_t q = 0; q < g.p; ++q) {
-        Corners(pc[2 * q], pc[2 * q + 1], g.h, g.w, wb, &t);
-        for (int k = 0; k < 4; ++k) t.off[k] = t.off[k] - t.x[k] + (t.x[k] >> 3);
-        po[q] = ReadPacked(mask, t);
+      for (int64_t q0 = 0; q0 < g.p; q0 += kBlock) {
+        const int nb = static_cast<int>(std::min<int64_t>(kBlock, g.p - q0));
+        LoadBlock(pc, q0, nb, cx, cy);
+        BlockCorners(cx, cy, nb, g.h, g.w, wb, &bt);
+        BlockReadPacked(mask, bt, nb, po + q0);
       }
     }
   });
